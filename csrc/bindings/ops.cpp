@@ -1,0 +1,34 @@
+// The one TORCH_LIBRARY of hotloop: every kernel-level schema, plus the Python module hotloop._C.
+// The public ops (hotloop::token_stats_fwd, ...) are torch.library custom ops defined in Python with fake
+// kernels and autograd; they call these per-backend kernels, so backends can be forced per call.
+#include <torch/library.h>
+#include <torch/extension.h>
+
+TORCH_LIBRARY(hotloop, m) {
+  // logits [B, T, V] (stride(2) == 1, any leading strides), labels [B, T] contiguous int32/int64.
+  // -> (logprobs, entropy or [0], self_certainty or [0], lse), each [B, T] float32 (float64 for float64 logits).
+  for (const char* backend : {"cpu", "cuda"}) {
+    m.def((std::string("token_stats_fwd_") + backend +
+           "(Tensor logits, Tensor labels, float temperature, int ignore_index, bool entropy, "
+           "bool self_certainty) -> (Tensor, Tensor, Tensor, Tensor)").c_str());
+    // Writes d loss / d logits into grad_logits [B, T, V] (stride(2) == 1; may be logits itself).
+    // grad_* [B, T] contiguous in the forward's output dtype; absent grads are None.
+    m.def((std::string("token_stats_bwd_") + backend +
+           "(Tensor(a!) grad_logits, Tensor? grad_logprobs, Tensor? grad_entropy, Tensor? grad_self_certainty, "
+           "Tensor logits, Tensor labels, Tensor lse, Tensor? entropy, float temperature, int ignore_index) -> ()")
+              .c_str());
+  }
+}
+
+static bool built_with_cuda() {
+#ifdef HOTLOOP_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hotloop compiled kernels (registered as torch.ops.hotloop.*)";
+  m.def("built_with_cuda", &built_with_cuda, "whether the CUDA kernels were compiled in");
+}
