@@ -89,12 +89,14 @@ def _grad_rows(g: Tensor | None, shape: torch.Size, dtype: torch.dtype) -> Tenso
     return None if g is None else g.to(dtype).reshape(shape).contiguous()
 
 
-def _run_bwd(out: Tensor, grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy,
+def _run_bwd(grad: Tensor, grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy,
              temperature, ignore_index, backend) -> None:
+    """Write d loss / d logits into `grad`: a fresh contiguous tensor of logits' shape, or logits itself."""
     x = rows3d_or_copy(logits)
     rows = x.shape[:2]
     if x.shape[0] * x.shape[1] == 0:
         return
+    out = x if grad is logits else grad.view(x.shape)
     dt = _out_dtype(logits)
     _kernel_bwd(backend)(
         out, _grad_rows(grad_logprobs, rows, dt), _grad_rows(grad_entropy, rows, dt),
@@ -110,8 +112,7 @@ def token_stats_bwd(grad_logprobs: Tensor | None, grad_entropy: Tensor | None, g
                     ignore_index: int, backend: str) -> Tensor:
     """d loss / d logits, in logits' dtype and shape (contiguous)."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    out = rows3d(grad)
-    _run_bwd(out, grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy, temperature,
+    _run_bwd(grad, grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy, temperature,
              ignore_index, backend)
     return grad
 
@@ -127,12 +128,11 @@ def token_stats_bwd_inplace(grad_logprobs: Tensor | None, grad_entropy: Tensor |
                             grad_self_certainty: Tensor | None, logits: Tensor, labels: Tensor, lse: Tensor,
                             entropy: Tensor | None, temperature: float, ignore_index: int, backend: str) -> None:
     """Overwrites `logits` with d loss / d logits (saves the [N, V] gradient buffer)."""
-    out = rows3d(logits)
-    if out is None:  # leading dims not viewable as two strides: compute aside, then copy into the storage
+    if rows3d(logits) is None:  # leading dims not viewable as two strides: compute aside, copy into the storage
         logits.copy_(token_stats_bwd(grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy,
                                      temperature, ignore_index, backend))
         return
-    _run_bwd(out, grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy, temperature,
+    _run_bwd(logits, grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy, temperature,
              ignore_index, backend)
 
 

@@ -30,8 +30,9 @@ def token_stats_ref(logits: Tensor, labels: Tensor, temperature: float = 1.0, ig
     ent = None
     if entropy:
         p = logp_all.exp()
-        # p·log p is 0 where p is 0 (vocab masked with -inf), not 0·(-inf) = NaN
-        plogp = torch.where(p > 0, p * logp_all, zero)
+        # p·log p is 0 where p is 0 (vocab masked with -inf), not 0·(-inf) = NaN, in value and in gradient;
+        # a NaN p stays NaN
+        plogp = p * torch.where(p == 0, zero, logp_all)
         ent = torch.where(valid, -plogp.sum(-1), zero)
 
     sc = None
