@@ -21,7 +21,8 @@ def _extension():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-Wall", "-Wno-unknown-pragmas"]
+    # no -std flag: the extension builder adds the standard that torch's own headers need
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     sources = _rel("csrc/cpu/*.cpp") + [p for p in _rel("csrc/bindings/*.cpp") if not p.endswith("_cuda.cpp")]
     with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None
                  and os.environ.get("HOTLOOP_NO_CUDA", "0") == "0")
@@ -32,7 +33,7 @@ def _extension():
     return CUDAExtension(
         "hotloop._C", sources,
         define_macros=[("HOTLOOP_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=["-fopenmp"],
     )
 

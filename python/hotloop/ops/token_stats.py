@@ -19,6 +19,7 @@ from torch import Tensor
 from hotloop._backend import resolve_backend
 from hotloop._checks import check_label_range, check_logits_labels, check_positive, labels_checked_on_host
 from hotloop._layout import rows3d, rows3d_or_copy
+from hotloop._memory import empty_large
 from hotloop.reference.token_stats import token_stats_ref
 
 _OP = "token_stats"
@@ -111,7 +112,7 @@ def token_stats_bwd(grad_logprobs: Tensor | None, grad_entropy: Tensor | None, g
                     logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor | None, temperature: float,
                     ignore_index: int, backend: str) -> Tensor:
     """d loss / d logits, in logits' dtype and shape (contiguous)."""
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = empty_large(logits.shape, logits.dtype, logits.device)
     _run_bwd(grad, grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy, temperature,
              ignore_index, backend)
     return grad
