@@ -54,7 +54,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     package_dir={"hotloop": "python/hotloop", "hotloop.triton_kernels": "triton_kernels"},
-    packages=["hotloop", "hotloop.ops", "hotloop.reference", "hotloop.triton_kernels"],
+    packages=["hotloop", "hotloop.cpu", "hotloop.ops", "hotloop.reference", "hotloop.triton_kernels"],
     ext_modules=[_extension()],
     cmdclass=_cmdclass(),
     install_requires=["torch>=2.4", "triton>=3.7.1; platform_system == 'Linux'"],

@@ -11,13 +11,17 @@ TORCH_LIBRARY(hotloop, m) {
     m.def((std::string("token_stats_fwd_") + backend +
            "(Tensor logits, Tensor labels, float temperature, int ignore_index, bool entropy, "
            "bool self_certainty) -> (Tensor, Tensor, Tensor, Tensor)").c_str());
-    // Writes d loss / d logits into grad_logits [B, T, V] (stride(2) == 1; may be logits itself).
-    // grad_* [B, T] contiguous in the forward's output dtype; absent grads are None.
-    m.def((std::string("token_stats_bwd_") + backend +
-           "(Tensor(a!) grad_logits, Tensor? grad_logprobs, Tensor? grad_entropy, Tensor? grad_self_certainty, "
-           "Tensor logits, Tensor labels, Tensor lse, Tensor? entropy, float temperature, int ignore_index) -> ()")
-              .c_str());
   }
+  // Writes d loss / d logits into grad_logits [B, T, V] (stride(2) == 1; may be logits itself).
+  // grad_* [B, T] contiguous in the forward's output dtype; absent grads are None.
+  m.def("token_stats_bwd_cuda(Tensor(a!) grad_logits, Tensor? grad_logprobs, Tensor? grad_entropy, "
+        "Tensor? grad_self_certainty, Tensor logits, Tensor labels, Tensor lse, Tensor? entropy, float temperature, "
+        "int ignore_index) -> ()");
+  // The CPU one also takes a block of vocabulary columns [vocab_offset, vocab_offset + V) of vocab_total
+  // (0 = V): the fused linear path's backward goes block by block.
+  m.def("token_stats_bwd_cpu(Tensor(a!) grad_logits, Tensor? grad_logprobs, Tensor? grad_entropy, "
+        "Tensor? grad_self_certainty, Tensor logits, Tensor labels, Tensor lse, Tensor? entropy, float temperature, "
+        "int ignore_index, int vocab_offset=0, int vocab_total=0) -> ()");
 }
 
 static bool built_with_cuda() {

@@ -51,7 +51,7 @@ void token_stats_bwd_cpu(const at::Tensor& grad_logits, const c10::optional<at::
                          const c10::optional<at::Tensor>& grad_entropy,
                          const c10::optional<at::Tensor>& grad_self_certainty, const at::Tensor& logits,
                          const at::Tensor& labels, const at::Tensor& lse, const c10::optional<at::Tensor>& entropy,
-                         double temperature, int64_t ignore_index) {
+                         double temperature, int64_t ignore_index, int64_t vocab_offset, int64_t vocab_total) {
   TORCH_CHECK_VALUE(logits.device().is_cpu() && grad_logits.device().is_cpu(), kOp, ": CPU kernel got ",
                     logits.device(), " tensors");
   TORCH_CHECK_VALUE(temperature > 0, kOp, ": `temperature` must be > 0, got ", temperature);
@@ -70,6 +70,11 @@ void token_stats_bwd_cpu(const at::Tensor& grad_logits, const c10::optional<at::
   p.entropy = optional_rows(entropy, p.layout, acc, kOp, "entropy");
   TORCH_CHECK_VALUE(p.grad_entropy == nullptr || p.entropy != nullptr, kOp,
                     ": a gradient for the entropy needs the forward's entropy");
+  TORCH_CHECK_VALUE(vocab_offset >= 0 && (vocab_total == 0 || vocab_total >= vocab_offset + p.layout.V), kOp,
+                    ": the block [vocab_offset, vocab_offset + V) = [", vocab_offset, ", ", vocab_offset + p.layout.V,
+                    ") must lie inside vocab_total = ", vocab_total);
+  p.vocab_offset = vocab_offset;
+  p.vocab_total = vocab_total;
   if (p.layout.rows() == 0) return;
   p.grad_logits = grad_logits.data_ptr();
   p.logits = logits.data_ptr();

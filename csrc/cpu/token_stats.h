@@ -50,6 +50,11 @@ struct TokenStatsBwdParams {
   const void* grad_self_certainty = nullptr;
   const void* lse = nullptr;
   const void* entropy = nullptr;  // needed when grad_entropy is set
+  // The rows may hold a block of columns [vocab_offset, vocab_offset + V) of a vocabulary of vocab_total
+  // (0 = V) entries: labels are global and the self-certainty term uses vocab_total. The fused linear path
+  // recomputes logits one vocabulary block at a time and gets each block's gradient this way.
+  int64_t vocab_offset = 0;
+  int64_t vocab_total = 0;
   int num_threads = 1;
 };
 

@@ -178,8 +178,9 @@ void bwd(const TokenStatsBwdParams& P) {
   using Acc = typename acc_type<In>::type;
   const RowLayout& L = P.layout;
   const int64_t rows = L.rows(), V = L.V;
+  const int64_t v_total = P.vocab_total > 0 ? P.vocab_total : V;
   const Acc inv_t = Acc(1) / static_cast<Acc>(P.temperature);
-  const Acc inv_v = Acc(1) / static_cast<Acc>(V);
+  const Acc inv_v = Acc(1) / static_cast<Acc>(v_total);
   const In* logits = static_cast<const In*>(P.logits);
   In* grad = static_cast<In*>(P.grad_logits);
   const Acc* g_lp = static_cast<const Acc*>(P.grad_logprobs);
@@ -197,7 +198,7 @@ void bwd(const TokenStatsBwdParams& P) {
     const In* z = logits + L.offset(r);
     In* g = grad + P.grad_layout.offset(r);
     const int64_t y = label_at(P.labels, P.labels_int64, r);
-    if (y == P.ignore_index || !(y >= 0 && y < V)) {
+    if (y == P.ignore_index || !(y >= 0 && y < v_total)) {
       const Acc fill = y == P.ignore_index ? Acc(0) : kNaN<Acc>;
       for (int64_t j = v0; j < v1; ++j) store(g + j, fill);
       continue;
@@ -209,8 +210,9 @@ void bwd(const TokenStatsBwdParams& P) {
     // grad_j = inv_t·(c - p_j·(k + gh·d_j)) (+ inv_t·glp at the label)
     const Acc k = glp - gsc + (g_ent ? gh * ent_in[r] : Acc(0));
     const Acc c = -gsc * inv_v;
-    const bool has_label = y >= v0 && y < v1;
-    const Acc z_label = has_label ? load_acc<In, Acc>(z + y) * inv_t : Acc(0);  // read before g may overwrite it
+    const int64_t y_local = y - P.vocab_offset;  // the label's column in this block of the vocabulary
+    const bool has_label = y_local >= v0 && y_local < v1;
+    const Acc z_label = has_label ? load_acc<In, Acc>(z + y_local) * inv_t : Acc(0);  // read before g overwrites it
 #pragma omp simd
     for (int64_t j = v0; j < v1; ++j) {
       Acc d = static_cast<Acc>(to_float(z[j])) * inv_t - lse;
@@ -221,7 +223,7 @@ void bwd(const TokenStatsBwdParams& P) {
     if (has_label) {
       Acc d = z_label - lse;
       d = d < kLowShift<Acc> ? kLowShift<Acc> : d;
-      store(g + y, inv_t * (c - exp_acc(d) * (k + gh * d) + glp));
+      store(g + y_local, inv_t * (c - exp_acc(d) * (k + gh * d) + glp));
     }
   }
 }

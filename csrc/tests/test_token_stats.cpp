@@ -106,6 +106,27 @@ void check(FloatType type, int64_t B, int64_t T, int64_t V, int64_t pad, int thr
     }
   }
 
+  // the same gradient block by block: columns [0, h) and [h, V) with vocab_offset / vocab_total
+  std::vector<In> grad_blocks(logits.size());
+  const int64_t h = V / 2;
+  for (int64_t lo : {int64_t{0}, h}) {
+    TokenStatsBwdParams b = q;
+    const int64_t width = lo == 0 ? h : V - h;
+    if (width == 0) continue;
+    b.logits = logits.data() + lo, b.grad_logits = grad_blocks.data() + lo;
+    b.layout.V = width, b.grad_layout.V = width;
+    b.vocab_offset = lo, b.vocab_total = V;
+    token_stats_bwd(b);
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t v = 0; v < V; ++v)
+      if (to_float(grad_blocks[r * row_stride + v]) != to_float(grad[r * row_stride + v])) {
+        std::printf("FAIL block-wise grad row %lld col %lld\n", static_cast<long long>(r), static_cast<long long>(v));
+        ++failures;
+        r = rows;
+        break;
+      }
+
   labels[rows - 1] = V;  // out of range: reported, never read
   if (token_stats_fwd(p) != rows - 1) {
     std::printf("FAIL out-of-range label not reported\n");

@@ -1,0 +1,104 @@
+"""Fused linear log-probs on CPU: BLAS over cache-sized blocks of logits + the token_stats C++ kernels.
+
+The [N, V] logits never exist; one reusable buffer of about CHUNK_BYTES does.
+Forward: token chunks of C rows. logits_c = h_c @ W^T (+ b) into the buffer (oneDNN / BLAS), then
+  token_stats_fwd_cpu on it. Reads W once per chunk (N / C times in all).
+Backward: vocabulary blocks of Vb columns, all tokens at once when [N, Vb] fits the buffer (token chunks inside
+  otherwise). Per block: recompute logits, overwrite them with their gradient G (token_stats_bwd_cpu with the
+  block's column offset), then d_W[block] = G^T h (one matmul, one rounding), d_h += G W[block] (float32
+  accumulator), d_b[block] = sum G. Going block by block over the vocabulary makes each d_W block final in one
+  matmul, so a bf16 weight gradient is rounded once, as in the materialised path.
+bf16 / fp16 logits are rounded to the input dtype by the matmul, exactly as `F.linear` does in the materialised
+path; float32 input is float32 throughout.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CHUNK_BYTES = 32 << 20  # the logits buffer: L3-sized on the machines this was tuned on (32 MiB L3)
+
+
+def _matmul_into(out: Tensor, a: Tensor, b_t: Tensor, bias: Tensor | None) -> Tensor:
+    if bias is None:
+        return torch.mm(a, b_t, out=out)
+    return torch.addmm(bias, a, b_t, out=out)
+
+
+def linear_token_stats_fwd_cpu(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                               temperature: float, ignore_index: int, entropy: bool, self_certainty: bool
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """hidden [N, H], weight [V, H], bias [V] | None, labels [N] -> (logprobs, entropy | [0], sc | [0], lse) [N]."""
+    N, V = hidden.shape[0], weight.shape[0]
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    lp, lse = hidden.new_empty(N, dtype=out_dtype), hidden.new_empty(N, dtype=out_dtype)
+    ent = hidden.new_empty(N if entropy else 0, dtype=out_dtype)
+    sc = hidden.new_empty(N if self_certainty else 0, dtype=out_dtype)
+    rows = max(1, min(N, CHUNK_BYTES // (V * hidden.element_size())))
+    buf = hidden.new_empty(rows * V)
+    w_t = weight.t()
+    for i0 in range(0, N, rows):
+        i1 = min(N, i0 + rows)
+        z = _matmul_into(buf[: (i1 - i0) * V].view(i1 - i0, V), hidden[i0:i1], w_t, bias)
+        c_lp, c_ent, c_sc, c_lse = torch.ops.hotloop.token_stats_fwd_cpu(
+            z.unsqueeze(0), labels[i0:i1].unsqueeze(0), temperature, ignore_index, entropy, self_certainty)
+        lp[i0:i1], lse[i0:i1] = c_lp[0], c_lse[0]
+        if entropy:
+            ent[i0:i1] = c_ent[0]
+        if self_certainty:
+            sc[i0:i1] = c_sc[0]
+    return lp, ent, sc, lse
+
+
+def _rows(t: Tensor | None, i0: int, i1: int) -> Tensor | None:
+    return None if t is None else t[i0:i1].unsqueeze(0)
+
+
+def linear_token_stats_bwd_cpu(grad_logprobs: Tensor | None, grad_entropy: Tensor | None,
+                               grad_self_certainty: Tensor | None, hidden: Tensor, weight: Tensor,
+                               bias: Tensor | None, labels: Tensor, lse: Tensor, entropy: Tensor | None,
+                               temperature: float, ignore_index: int, need_hidden: bool, need_weight: bool,
+                               need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (d_hidden [N, H] | [0], d_weight [V, H] | [0], d_bias [V] | [0]) in the inputs' dtypes."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    elt = hidden.element_size()
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    cols = max(1, min(V, CHUNK_BYTES // (N * elt)))
+    cols = min(V, max(cols, 256))  # very many tokens: keep blocks wide enough for efficient matmuls...
+    rows = max(1, min(N, CHUNK_BYTES // (cols * elt)))  # ...and chunk the tokens instead
+    buf = hidden.new_empty(rows * cols)
+
+    d_h = hidden.new_zeros((N, H), dtype=acc) if need_hidden else hidden.new_empty(0)
+    d_w = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    d_b = hidden.new_zeros(V, dtype=acc) if need_bias else hidden.new_empty(0)
+    d_w_block = weight.new_zeros((cols, H), dtype=acc) if need_weight and rows < N else None
+
+    for v0 in range(0, V, cols):
+        v1 = min(V, v0 + cols)
+        w_blk = weight[v0:v1]
+        b_blk = None if bias is None else bias[v0:v1]
+        if d_w_block is not None:
+            d_w_block.zero_()
+        for i0 in range(0, N, rows):
+            i1 = min(N, i0 + rows)
+            h_c = hidden[i0:i1]
+            g = _matmul_into(buf[: (i1 - i0) * (v1 - v0)].view(i1 - i0, v1 - v0), h_c, w_blk.t(), b_blk)
+            g3 = g.unsqueeze(0)
+            torch.ops.hotloop.token_stats_bwd_cpu(
+                g3, _rows(grad_logprobs, i0, i1), _rows(grad_entropy, i0, i1), _rows(grad_self_certainty, i0, i1),
+                g3, labels[i0:i1].unsqueeze(0), lse[i0:i1].unsqueeze(0), _rows(entropy, i0, i1), temperature,
+                ignore_index, v0, V)
+            if need_hidden:
+                d_h[i0:i1] += torch.mm(g, w_blk)  # a partial over this block's columns, summed in float32
+            if need_weight:
+                if d_w_block is None:
+                    torch.mm(g.t(), h_c, out=d_w[v0:v1])
+                else:
+                    d_w_block[: v1 - v0] += torch.mm(g.t(), h_c)
+            if need_bias:
+                d_b[v0:v1] += g.sum(0, dtype=acc)
+        if d_w_block is not None:
+            d_w[v0:v1] = d_w_block[: v1 - v0]
+    return (d_h.to(hidden.dtype) if need_hidden else d_h, d_w,
+            d_b.to(bias.dtype) if need_bias else d_b)

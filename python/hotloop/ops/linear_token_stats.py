@@ -1,0 +1,177 @@
+"""Per-token log-probs, entropy and self-certainty straight from hidden states × lm_head (SPEC §2).
+
+The [N, V] logits and their gradient are never held: the CPU backend goes through cache-sized blocks of them
+(hotloop.cpu.linear_token_stats), the Triton backend through on-chip tiles (triton_kernels/linear_token_stats.py).
+
+Layers: public linear_token_stats / linear_token_logprobs -> custom ops hotloop::linear_token_stats_fwd / _bwd
+(fake kernels + autograd, traced by torch.compile) -> backend implementation. Kernel contract: hidden [N, H] with
+unit stride along H, weight [V, H] and bias [V] contiguous, labels [N] contiguous; outputs [N] float32 (float64
+for float64 input); backward returns (d_hidden, d_weight, d_bias), each [0] when not asked for.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hotloop._backend import resolve_backend
+from hotloop._checks import (FLOAT_DTYPES, LABEL_DTYPES, check_label_range, check_positive, check_same_device,
+                             check_tensor, labels_checked_on_host)
+from hotloop.ops.token_stats import TokenStats
+from hotloop.reference.linear_token_stats import linear_token_stats_ref
+
+_OP = "linear_token_stats"
+_BACKENDS = ("reference", "cpu", "triton")
+
+
+def _fwd_impl(backend: str):
+    if backend == "cpu":
+        from hotloop.cpu.linear_token_stats import linear_token_stats_fwd_cpu
+
+        return linear_token_stats_fwd_cpu
+    from hotloop.triton_kernels.linear_token_stats import linear_token_stats_fwd_triton
+
+    return linear_token_stats_fwd_triton
+
+
+def _bwd_impl(backend: str):
+    if backend == "cpu":
+        from hotloop.cpu.linear_token_stats import linear_token_stats_bwd_cpu
+
+        return linear_token_stats_bwd_cpu
+    from hotloop.triton_kernels.linear_token_stats import linear_token_stats_bwd_triton
+
+    return linear_token_stats_bwd_triton
+
+
+def _out_dtype(hidden: Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("hotloop::linear_token_stats_fwd", mutates_args=())
+def linear_token_stats_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
+                           ignore_index: int, entropy: bool, self_certainty: bool, backend: str
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (logprobs [N], entropy [N] | [0], self_certainty [N] | [0], lse [N]); lse is kept for the backward."""
+    if hidden.shape[0] == 0:
+        dt = _out_dtype(hidden)
+        e = hidden.new_empty(0, dtype=dt)
+        return e, e.clone(), e.clone(), e.clone()
+    return _fwd_impl(backend)(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty)
+
+
+@linear_token_stats_fwd.register_fake
+def _(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty, backend):
+    N, dt = hidden.shape[0], _out_dtype(hidden)
+    return (hidden.new_empty(N, dtype=dt), hidden.new_empty(N if entropy else 0, dtype=dt),
+            hidden.new_empty(N if self_certainty else 0, dtype=dt), hidden.new_empty(N, dtype=dt))
+
+
+@torch.library.custom_op("hotloop::linear_token_stats_bwd", mutates_args=())
+def linear_token_stats_bwd(grad_logprobs: Tensor | None, grad_entropy: Tensor | None,
+                           grad_self_certainty: Tensor | None, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                           labels: Tensor, lse: Tensor, entropy: Tensor | None, temperature: float, ignore_index: int,
+                           need_hidden: bool, need_weight: bool, need_bias: bool, backend: str
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (d_hidden [N, H] | [0], d_weight [V, H] | [0], d_bias [V] | [0])."""
+    if hidden.shape[0] == 0:
+        d_w = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
+        d_b = torch.zeros_like(bias) if need_bias else hidden.new_empty(0)
+        return hidden.new_empty(hidden.shape if need_hidden else 0), d_w, d_b
+    dt = _out_dtype(hidden)
+    grads = [None if g is None else g.to(dt).contiguous() for g in (grad_logprobs, grad_entropy, grad_self_certainty)]
+    return _bwd_impl(backend)(*grads, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index,
+                              need_hidden, need_weight, need_bias)
+
+
+@linear_token_stats_bwd.register_fake
+def _(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias, labels, lse, entropy, temperature,
+      ignore_index, need_hidden, need_weight, need_bias, backend):
+    return (hidden.new_empty(hidden.shape if need_hidden else 0), weight.new_empty(weight.shape if need_weight else 0),
+            hidden.new_empty(bias.shape if need_bias else 0, dtype=bias.dtype if need_bias else hidden.dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty, backend = inputs
+    _, ent, _, lse = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if entropy else None)
+    ctx.cfg = (temperature, ignore_index, entropy, self_certainty, backend)
+
+
+def _backward(ctx, g_logprobs, g_entropy, g_self_certainty, g_lse):
+    hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
+    temperature, ignore_index, entropy, self_certainty, backend = ctx.cfg
+    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    d_h, d_w, d_b = torch.ops.hotloop.linear_token_stats_bwd(
+        g_logprobs, g_entropy if entropy else None, g_self_certainty if self_certainty else None, hidden, weight,
+        bias, labels, lse, ent, temperature, ignore_index, need_h, need_w, need_b and bias is not None, backend)
+    return (d_h if need_h else None, d_w if need_w else None, d_b if (need_b and bias is not None) else None,
+            None, None, None, None, None, None)
+
+
+linear_token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
+    check_tensor(_OP, "hidden", hidden, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_tensor(_OP, "weight", weight, dtypes=FLOAT_DTYPES)
+    check_tensor(_OP, "labels", labels, dtypes=LABEL_DTYPES)
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
+        raise ValueError(f"hotloop.{_OP}: `weight` must be [V, H] with V >= 1 and H = hidden.shape[-1] = {H}, "
+                         f"got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"hotloop.{_OP}: `weight` must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    if bias is not None:
+        check_tensor(_OP, "bias", bias, dtypes=(hidden.dtype,))
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"hotloop.{_OP}: `bias` must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"hotloop.{_OP}: `labels` must have the leading shape of `hidden` "
+                         f"{tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+    check_same_device(_OP, hidden=hidden, weight=weight, bias=bias, labels=labels)
+    if hidden.dtype == torch.float64 and hidden.device.type != "cpu":
+        raise TypeError(f"hotloop.{_OP}: float64 `hidden` is supported on CPU only")
+
+
+def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                       temperature: float = 1.0, ignore_index: int = -100, entropy: bool = True,
+                       self_certainty: bool = False) -> TokenStats:
+    """token_stats of the logits hidden @ weight.T (+ bias), without ever holding those [N, V] logits.
+
+    Args:
+        hidden: [..., H] last hidden states, float32 / bfloat16 / float16 (float64 on CPU).
+        weight: [V, H] lm_head weight (tied embeddings too), hidden's dtype.
+        labels: [...] int32 / int64, hidden's leading shape; `ignore_index` marks positions to skip.
+        bias: optional [V] lm_head bias, hidden's dtype.
+        temperature, ignore_index, entropy, self_certainty: as in `hotloop.token_stats`.
+
+    Returns:
+        TokenStats(logprobs, entropy, self_certainty), each [...] float32 (float64 for float64 input) or None.
+        Differentiable w.r.t. hidden, weight and bias; the backward recomputes blocks of logits and never
+        allocates [N, V]. Gradients of a weight shared across calls accumulate as usual.
+    """
+    _check(hidden, weight, bias, labels)
+    temperature = check_positive(_OP, "temperature", temperature)
+    ignore_index = int(ignore_index)
+    backend = resolve_backend(_OP, hidden.device, _BACKENDS)
+    if labels_checked_on_host(labels.device):
+        check_label_range(_OP, labels, weight.shape[0], ignore_index)
+    if backend == "reference":
+        return TokenStats(*linear_token_stats_ref(hidden, weight, labels, bias, temperature, ignore_index, entropy,
+                                                  self_certainty))
+    shape, H = labels.shape, hidden.shape[-1]
+    h2 = hidden.reshape(-1, H)
+    if h2.stride(1) != 1:
+        h2 = h2.contiguous()
+    lp, ent, sc, _ = torch.ops.hotloop.linear_token_stats_fwd(
+        h2, weight.contiguous(), None if bias is None else bias.contiguous(), labels.reshape(-1).contiguous(),
+        temperature, ignore_index, entropy, self_certainty, backend)
+    return TokenStats(lp.view(shape), ent.view(shape) if entropy else None,
+                      sc.view(shape) if self_certainty else None)
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                          temperature: float = 1.0, ignore_index: int = -100) -> Tensor:
+    """log softmax((hidden @ weight.T + bias) / temperature)[label]: [..., H], [V, H], [...] -> [...] float32."""
+    return linear_token_stats(hidden, weight, labels, bias=bias, temperature=temperature,
+                              ignore_index=ignore_index, entropy=False).logprobs
