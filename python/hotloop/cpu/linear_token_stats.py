@@ -89,11 +89,16 @@ def linear_token_stats_bwd_cpu(grad_logprobs: Tensor | None, grad_entropy: Tenso
                 g3, _rows(grad_logprobs, i0, i1), _rows(grad_entropy, i0, i1), _rows(grad_self_certainty, i0, i1),
                 g3, labels[i0:i1].unsqueeze(0), lse[i0:i1].unsqueeze(0), _rows(entropy, i0, i1), temperature,
                 ignore_index, v0, V)
-            if need_hidden:
-                d_h[i0:i1] += torch.mm(g, w_blk)  # a partial over this block's columns, summed in float32
+            if need_hidden:  # a partial over this block's columns, summed in float32
+                if d_h.dtype == g.dtype:
+                    d_h[i0:i1].addmm_(g, w_blk)
+                else:
+                    d_h[i0:i1] += torch.mm(g, w_blk)
             if need_weight:
                 if d_w_block is None:
                     torch.mm(g.t(), h_c, out=d_w[v0:v1])
+                elif d_w_block.dtype == g.dtype:
+                    d_w_block[: v1 - v0].addmm_(g.t(), h_c)
                 else:
                     d_w_block[: v1 - v0] += torch.mm(g.t(), h_c)
             if need_bias:
