@@ -4,12 +4,15 @@ Each case compares against the same math in float64 torch, applied to the (alrea
 norm error. Shapes are tiny: the interpreter runs every program in numpy.
 """
 import math
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest
 import torch
+
+# conftest.py sets TRITON_INTERPRET=1 when there is no GPU; with one, the public-op tests (test_token_stats.py,
+# test_linear_token_stats.py) run these kernels on CUDA tensors instead
+if torch.cuda.is_available():
+    pytest.skip("interpreter-only kernel tests (CPU tensors)", allow_module_level=True)
 
 pytest.importorskip("triton")
 ts = pytest.importorskip("hotloop.triton_kernels.token_stats")
