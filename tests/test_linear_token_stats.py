@@ -99,6 +99,42 @@ def test_leading_dims_and_shared_weight(backend, monkeypatch):
     assert rel_err(weight.grad, w.grad) < 1e-4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_hidden_in_ignored_rows_stays_out(backend, monkeypatch):
+    """Padding rows may hold garbage hidden states: they must not reach d_weight (0 * NaN) or any output."""
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+    device = device_for(backend)
+    N, H, V = shapes_for(backend)[0]
+    hidden = torch.randn(N, H, device=device)
+    hidden[2] = float("nan")
+    labels = random_labels((N,), V, device, frac_ignored=0.0)
+    labels[2] = -100
+    x, w = hidden.clone().requires_grad_(), (torch.randn(V, H, device=device) * 0.2).requires_grad_()
+    out = hotloop.linear_token_stats(x, w, labels, self_certainty=True)
+    (out.logprobs.sum() + out.entropy.sum()).backward()
+    for t in (*out, w.grad):
+        assert torch.isfinite(t).all()
+    assert torch.isfinite(x.grad[labels != -100]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(backend, monkeypatch):
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+    device = device_for(backend)
+    x, w = torch.randn(5, 16, device=device, requires_grad=True), torch.randn(40, 16, device=device, requires_grad=True)
+    out = hotloop.linear_token_stats(x, w, torch.full((5,), -100, device=device), self_certainty=True)
+    (out.logprobs.sum() + out.entropy.sum() + out.self_certainty.sum()).backward()
+    for t in (*out, x.grad, w.grad):
+        assert torch.all(t == 0)
+
+
+def test_float16_on_cpu(monkeypatch):
+    monkeypatch.setattr(cpu_impl, "CHUNK_BYTES", 1 << 12)
+    for key in (FWD_TOL, GRAD_TOL):
+        monkeypatch.setitem(key, torch.float16, key[torch.bfloat16])
+    run("cpu", monkeypatch, 33, 40, 500, torch.float16)
+
+
 def test_only_some_inputs_need_grad(monkeypatch):
     monkeypatch.setenv("HOTLOOP_BACKEND", "cpu")
     hidden, weight = torch.randn(9, 16, requires_grad=True), torch.randn(70, 16)
@@ -160,6 +196,8 @@ def test_opcheck():
     (lambda: (torch.randn(3, 8), torch.randn(10, 8), None, torch.full((3,), 10)), ValueError,
      r"`labels` must lie in \[0, 10\)"),
     (lambda: (torch.randn(3, 8), torch.randn(10, 8), None, torch.zeros(3)), TypeError, "`labels` must have dtype"),
+    (lambda: (torch.randn(3, 0), torch.randn(10, 0), None, torch.zeros(3, dtype=torch.long)), ValueError,
+     "empty hidden dim"),
 ])
 def test_bad_arguments(make, error, match):
     hidden, weight, bias, labels = make()

@@ -52,9 +52,16 @@ def test_bad_temperature(temperature):
         hotloop.token_stats(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=temperature)
 
 
-def test_tensor_temperature_is_rejected():
-    with pytest.raises(TypeError, match="`temperature` must be a Python number"):
-        hotloop.token_stats(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=torch.tensor(1.0))
+@pytest.mark.parametrize("temperature", [torch.tensor(1.0), True, "1.0"])
+def test_temperature_must_be_a_real_number(temperature):
+    with pytest.raises(TypeError, match="`temperature` must be a real number"):
+        hotloop.token_stats(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=temperature)
+
+
+@pytest.mark.parametrize("ignore_index, error", [(-100.5, TypeError), (None, TypeError), (2**70, ValueError)])
+def test_ignore_index_must_be_an_int64(ignore_index, error):
+    with pytest.raises(error, match="`ignore_index` must"):
+        hotloop.token_stats(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), ignore_index=ignore_index)
 
 
 def test_unknown_or_unusable_backend(monkeypatch):

@@ -152,7 +152,10 @@ int64_t fwd(const TokenStatsFwdParams& P) {
   if (splits == 1) {
 #pragma omp parallel for num_threads(nt) if (nt > 1 && rows > 1) schedule(static) reduction(min : first_bad)
     for (int64_t r = 0; r < rows; ++r) {
-      const Partial<Acc> st = row_partial(logits + L.offset(r), V, inv_t);
+      // ignored rows (padding) are never read: finalize writes their zeros
+      const Partial<Acc> st = label_at(P.labels, P.labels_int64, r) == P.ignore_index
+                                  ? Partial<Acc>{}
+                                  : row_partial(logits + L.offset(r), V, inv_t);
       if (!finalize<In, Acc>(P, r, st, inv_t)) first_bad = std::min(first_bad, r);
     }
   } else {
@@ -162,7 +165,8 @@ int64_t fwd(const TokenStatsFwdParams& P) {
     for (int64_t task = 0; task < rows * splits; ++task) {
       const int64_t r = task / splits, v0 = (task % splits) * chunk;
       const int64_t n = std::max<int64_t>(0, std::min(chunk, V - v0));
-      parts[task] = row_partial(logits + L.offset(r) + v0, n, inv_t);
+      const bool ignored = label_at(P.labels, P.labels_int64, r) == P.ignore_index;
+      parts[task] = ignored ? Partial<Acc>{} : row_partial(logits + L.offset(r) + v0, n, inv_t);
     }
     for (int64_t r = 0; r < rows; ++r) {
       Partial<Acc> st = parts[r * splits];

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 
 import torch
@@ -35,15 +37,26 @@ def check_same_device(op: str, **tensors: Tensor) -> None:
 
 
 def check_positive(op: str, name: str, value: float) -> float:
-    if isinstance(value, Tensor) or not isinstance(value, (int, float)):
-        raise TypeError(f"hotloop.{op}: `{name}` must be a Python number, got {type(value).__name__}")
+    if isinstance(value, (Tensor, bool)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"hotloop.{op}: `{name}` must be a real number, got {type(value).__name__}")
     value = float(value)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"hotloop.{op}: `{name}` must be a finite number > 0, got {value}")
     return value
 
 
-def check_logits_labels(op: str, logits: Tensor, labels: Tensor, *, gpu_fp64: bool = False) -> None:
+def check_index(op: str, name: str, value: object) -> int:
+    """An integer that fits int64 (labels are compared with it in the kernels)."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"hotloop.{op}: `{name}` must be an integer, got {type(value).__name__}") from None
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"hotloop.{op}: `{name}` must fit in int64, got {value}")
+    return value
+
+
+def check_logits_labels(op: str, logits: Tensor, labels: Tensor) -> None:
     """logits [..., V] float, labels [...] int32/int64 of logits' leading shape, same device."""
     check_tensor(op, "logits", logits, dtypes=FLOAT_DTYPES, min_dim=1)
     check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES)
@@ -55,7 +68,7 @@ def check_logits_labels(op: str, logits: Tensor, labels: Tensor, *, gpu_fp64: bo
             f"got {tuple(labels.shape)}"
         )
     check_same_device(op, logits=logits, labels=labels)
-    if logits.dtype == torch.float64 and logits.device.type != "cpu" and not gpu_fp64:
+    if logits.dtype == torch.float64 and logits.device.type != "cpu":
         raise TypeError(f"hotloop.{op}: float64 `logits` are supported on CPU only")
 
 

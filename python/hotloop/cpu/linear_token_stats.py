@@ -10,13 +10,32 @@ Backward: vocabulary blocks of Vb columns, all tokens at once when [N, Vb] fits 
   matmul, so a bf16 weight gradient is rounded once, as in the materialised path.
 bf16 / fp16 logits are rounded to the input dtype by the matmul, exactly as `F.linear` does in the materialised
 path; float32 input is float32 throughout.
+Rows whose label is ignore_index are dropped before any matmul: padding (often a third of an RL batch) costs
+nothing, and a non-finite hidden state there cannot reach d_weight through 0 * NaN.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-CHUNK_BYTES = 32 << 20  # the logits buffer: L3-sized on the machines this was tuned on (32 MiB L3)
+
+def _l3_bytes() -> int | None:
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+                return int(size.rstrip("KM")) * scale
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+# The logits buffer: about the last-level cache, so a block is still in cache when the kernel and the gradient
+# matmuls read it back (32 MiB on the benchmark machine); bounded for odd or missing cache reports.
+CHUNK_BYTES = min(64 << 20, max(8 << 20, _l3_bytes() or (32 << 20)))
 
 
 def _matmul_into(out: Tensor, a: Tensor, b_t: Tensor, bias: Tensor | None) -> Tensor:
@@ -25,10 +44,38 @@ def _matmul_into(out: Tensor, a: Tensor, b_t: Tensor, bias: Tensor | None) -> Te
     return torch.addmm(bias, a, b_t, out=out)
 
 
+def _kept_rows(labels: Tensor, ignore_index: int) -> Tensor | None:
+    """Indices of the rows that count, or None when all of them do."""
+    keep = labels != ignore_index
+    return None if bool(keep.all()) else keep.nonzero().squeeze(1)
+
+
+def _scatter_rows(values: Tensor, idx: Tensor, n: int) -> Tensor:
+    """[k, ...] values of rows idx -> [n, ...] with zeros elsewhere."""
+    full = values.new_zeros((n, *values.shape[1:]))
+    full[idx] = values
+    return full
+
+
+def _take_rows(t: Tensor | None, idx: Tensor) -> Tensor | None:
+    return None if t is None else t.index_select(0, idx)
+
+
 def linear_token_stats_fwd_cpu(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                                temperature: float, ignore_index: int, entropy: bool, self_certainty: bool
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H], weight [V, H], bias [V] | None, labels [N] -> (logprobs, entropy | [0], sc | [0], lse) [N]."""
+    idx = _kept_rows(labels, ignore_index)
+    if idx is None:
+        return _fwd(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty)
+    lp, ent, sc, lse = _fwd(hidden.index_select(0, idx), weight, bias, labels.index_select(0, idx), temperature,
+                            ignore_index, entropy, self_certainty)
+    n = hidden.shape[0]
+    return (_scatter_rows(lp, idx, n), _scatter_rows(ent, idx, n) if entropy else ent,
+            _scatter_rows(sc, idx, n) if self_certainty else sc, _scatter_rows(lse, idx, n))
+
+
+def _fwd(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty):
     N, V = hidden.shape[0], weight.shape[0]
     out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     lp, lse = hidden.new_empty(N, dtype=out_dtype), hidden.new_empty(N, dtype=out_dtype)
@@ -60,6 +107,23 @@ def linear_token_stats_bwd_cpu(grad_logprobs: Tensor | None, grad_entropy: Tenso
                                temperature: float, ignore_index: int, need_hidden: bool, need_weight: bool,
                                need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (d_hidden [N, H] | [0], d_weight [V, H] | [0], d_bias [V] | [0]) in the inputs' dtypes."""
+    idx = _kept_rows(labels, ignore_index)
+    if idx is not None and idx.numel() == 0:  # every row ignored: no gradient anywhere
+        return (torch.zeros_like(hidden) if need_hidden else hidden.new_empty(0),
+                torch.zeros_like(weight) if need_weight else weight.new_empty(0),
+                torch.zeros_like(bias) if need_bias else hidden.new_empty(0))
+    if idx is None:
+        return _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias, labels, lse, entropy,
+                    temperature, ignore_index, need_hidden, need_weight, need_bias)
+    d_h, d_w, d_b = _bwd(_take_rows(grad_logprobs, idx), _take_rows(grad_entropy, idx),
+                         _take_rows(grad_self_certainty, idx), hidden.index_select(0, idx), weight, bias,
+                         labels.index_select(0, idx), lse.index_select(0, idx), _take_rows(entropy, idx),
+                         temperature, ignore_index, need_hidden, need_weight, need_bias)
+    return (_scatter_rows(d_h, idx, hidden.shape[0]) if need_hidden else d_h), d_w, d_b
+
+
+def _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias, labels, lse, entropy, temperature,
+         ignore_index, need_hidden, need_weight, need_bias):
     N, H = hidden.shape
     V = weight.shape[0]
     elt = hidden.element_size()

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from hotloop._backend import resolve_backend
-from hotloop._checks import (FLOAT_DTYPES, LABEL_DTYPES, check_label_range, check_positive, check_same_device,
-                             check_tensor, labels_checked_on_host)
+from hotloop._checks import (FLOAT_DTYPES, LABEL_DTYPES, check_index, check_label_range, check_positive,
+                             check_same_device, check_tensor, labels_checked_on_host)
 from hotloop.ops.token_stats import TokenStats
 from hotloop.reference.linear_token_stats import linear_token_stats_ref
 
@@ -116,6 +116,8 @@ def _check(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) 
     check_tensor(_OP, "weight", weight, dtypes=FLOAT_DTYPES)
     check_tensor(_OP, "labels", labels, dtypes=LABEL_DTYPES)
     H = hidden.shape[-1]
+    if H == 0:
+        raise ValueError(f"hotloop.{_OP}: `hidden` has an empty hidden dim (shape {tuple(hidden.shape)}); H >= 1")
     if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
         raise ValueError(f"hotloop.{_OP}: `weight` must be [V, H] with V >= 1 and H = hidden.shape[-1] = {H}, "
                          f"got {tuple(weight.shape)}")
@@ -152,7 +154,7 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
     """
     _check(hidden, weight, bias, labels)
     temperature = check_positive(_OP, "temperature", temperature)
-    ignore_index = int(ignore_index)
+    ignore_index = check_index(_OP, "ignore_index", ignore_index)
     backend = resolve_backend(_OP, hidden.device, _BACKENDS)
     if labels_checked_on_host(labels.device):
         check_label_range(_OP, labels, weight.shape[0], ignore_index)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from hotloop._backend import resolve_backend
-from hotloop._checks import check_label_range, check_logits_labels, check_positive, labels_checked_on_host
+from hotloop._checks import (check_index, check_label_range, check_logits_labels, check_positive,
+                             labels_checked_on_host)
 from hotloop._layout import rows3d, rows3d_or_copy
 from hotloop._memory import empty_large
 from hotloop.reference.token_stats import token_stats_ref
@@ -157,7 +158,8 @@ def _backward(ctx, g_logprobs, g_entropy, g_self_certainty, g_lse):
     g_entropy = g_entropy if entropy else None
     g_self_certainty = g_self_certainty if self_certainty else None
     args = (g_logprobs, g_entropy, g_self_certainty, logits, labels, lse, ent, temperature, ignore_index, backend)
-    if inplace:
+    # rows that share memory (expanded / stride-0 logits) would all write one storage: compute those out of place
+    if inplace and torch._debug_has_internal_overlap(logits) != 1:  # 1 = overlap; 2 = "too hard", e.g. a slice
         torch.ops.hotloop.token_stats_bwd_inplace(*args)
         grad = logits
     else:
@@ -190,7 +192,7 @@ def token_stats(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ign
     """
     check_logits_labels(_OP, logits, labels)
     temperature = check_positive(_OP, "temperature", temperature)
-    ignore_index = int(ignore_index)
+    ignore_index = check_index(_OP, "ignore_index", ignore_index)
     backend = resolve_backend(_OP, logits.device)
     # the C++ kernel checks label range itself as it reads the labels; other backends check here
     if backend != "cpu" and labels_checked_on_host(labels.device):

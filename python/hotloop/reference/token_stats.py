@@ -19,9 +19,10 @@ def token_stats_ref(logits: Tensor, labels: Tensor, temperature: float = 1.0, ig
     Math in float32 (float64 when logits are float64); ignored positions give 0 and no gradient.
     """
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(acc) / temperature
-    logp_all = torch.log_softmax(z, dim=-1)
     valid = labels != ignore_index
+    # ignored rows are never read: zeroed first, so whatever they hold (NaN padding) reaches no value or gradient
+    z = torch.where(valid.unsqueeze(-1), logits.to(acc), 0.0) / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logprobs = logp_all.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     zero = torch.zeros((), dtype=acc, device=logits.device)
