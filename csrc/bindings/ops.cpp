@@ -22,6 +22,12 @@ TORCH_LIBRARY(hotloop, m) {
   m.def("token_stats_bwd_cpu(Tensor(a!) grad_logits, Tensor? grad_logprobs, Tensor? grad_entropy, "
         "Tensor? grad_self_certainty, Tensor logits, Tensor labels, Tensor lse, Tensor? entropy, float temperature, "
         "int ignore_index, int vocab_offset=0, int vocab_total=0) -> ()");
+  // Group-relative advantages (SPEC §3). rewards [R] contiguous float; exactly one of group_size > 0 (fixed
+  // groups of adjacent responses, R % group_size == 0) and group_index [R] int32/int64 in [0, R) (ragged).
+  // kind: grpo | dr_grpo | rloo | reinforce_pp_baseline | passk; scale (grpo): group | batch | none.
+  // -> advantages [R] float32 (float64 for float64 rewards).
+  m.def("group_advantages_cpu(Tensor rewards, Tensor? group_index, int group_size, str kind, str scale, "
+        "float eps) -> Tensor");
 }
 
 static bool built_with_cuda() {
