@@ -33,16 +33,15 @@ the interpreter's tl.dot is wrong for bf16 / fp16 operands, so there both are up
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from hotloop.triton_kernels.token_stats import _rescale_base
+from hotloop.triton_kernels._common import FLOAT_DTYPES, check_row_vector, interpreting, vocab_splits
+from hotloop.triton_kernels.token_stats import _finalize_rows, _rescale_base
 
 
 # ------------------------------------------------------------------------------------------------ jit helpers
@@ -70,29 +69,6 @@ def _logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, load_rows, cols, cmask,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     return tl.where(cmask[None, :], acc * inv_t, float("-inf"))
-
-
-@triton.jit
-def _finalize_rows(rows, rmask, m, s, a, bsum, zy, valid, in_range, log_v, inv_v,
-                   lp_ptr, ent_ptr, sc_ptr, lse_ptr, HAS_ENTROPY: tl.constexpr, HAS_SC: tl.constexpr):
-    # the row-block version of token_stats' _finalize_row: masked stores, z'[y] already scaled
-    nan = float("nan")
-    live = valid & in_range
-    # dead rows may have s = 0 (skipped loop): give them a harmless (m, s) so no log(0) or 0 / 0 is evaluated
-    m = tl.where(live, m, 0.0)
-    s = tl.where(live, s, 1.0)
-    log_s = tl.log(s)
-    lse = m + log_s
-    zero = tl.zeros_like(lse)
-    lp = tl.where(in_range, zy - lse, nan)
-    tl.store(lp_ptr + rows, tl.where(valid, lp, zero), mask=rmask)
-    tl.store(lse_ptr + rows, tl.where(valid, tl.where(in_range, lse, nan), zero), mask=rmask)
-    if HAS_ENTROPY:
-        ent = tl.where(in_range, log_s - a / s, nan)
-        tl.store(ent_ptr + rows, tl.where(valid, ent, zero), mask=rmask)
-    if HAS_SC:
-        sc = tl.where(in_range, lse - bsum * inv_v - log_v, nan)
-        tl.store(sc_ptr + rows, tl.where(valid, sc, zero), mask=rmask)
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
@@ -307,18 +283,6 @@ def _linear_token_stats_bwd_kernel(
 
 
 # -------------------------------------------------------------------------------------------------- launchers
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _block(name: str, value: int | None, default: int) -> int:
     if value is None:
         return default
@@ -356,28 +320,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _splits(m_blocks: int, n_tiles: int, device: torch.device, num_splits: int | None) -> tuple[int, int]:
-    """-> (splits, tiles_per_split). Split the vocabulary only when row blocks alone leave SMs idle."""
-    if num_splits is not None:
-        if num_splits < 1:
-            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-        splits = num_splits
-    else:
-        splits = 1
-        if device.type == "cuda" and n_tiles > 1:
-            target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-            if m_blocks < target:
-                splits = min(n_tiles, triton.cdiv(target, m_blocks))
-    tiles_per_split = triton.cdiv(n_tiles, max(1, min(splits, n_tiles)))
-    # re-balance so no split is left without a tile
-    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
-
-
 def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
     for name, t in (("hidden", hidden), ("weight", weight)):
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"triton linear_token_stats takes float32 / bfloat16 / float16 {name}, got {t.dtype}")
         if t.stride(1) != 1 and t.shape[1] > 1:
             raise ValueError(f"{name} must have unit stride along H, got strides {t.stride()}")
@@ -388,7 +335,7 @@ def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: T
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one row (V >= 1)")
     if bias is not None:
-        if bias.dtype not in _DTYPES:
+        if bias.dtype not in FLOAT_DTYPES:
             raise TypeError(f"triton linear_token_stats takes float32 / bfloat16 / float16 bias, got {bias.dtype}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
@@ -403,14 +350,6 @@ def _check_inputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: T
     for name, t in (("weight", weight), ("bias", bias), ("labels", labels)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} on {t.device}, hidden on {hidden.device}")
-
-
-def _row_vector(name: str, t: Tensor | None, N: int, device: torch.device) -> None:
-    if t is None:
-        return
-    if t.shape != (N,) or not t.is_contiguous() or t.dtype != torch.float32 or t.device != device:
-        raise ValueError(f"{name} must be a contiguous float32 [{N}] tensor on {device}, got "
-                         f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
 
 
 def linear_token_stats_fwd_triton(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
@@ -433,7 +372,7 @@ def linear_token_stats_fwd_triton(hidden: Tensor, weight: Tensor, bias: Tensor |
 
     bm, bn, bk = _blocks(N, V, H, dev, block_m, block_n, block_k)
     m_blocks = triton.cdiv(N, bm)
-    splits, tiles_per_split = _splits(m_blocks, triton.cdiv(V, bn), dev, num_splits)
+    splits, tiles_per_split = vocab_splits(m_blocks, triton.cdiv(V, bn), dev, num_splits)
     inv_t = 1.0 / float(temperature)
     log_v = math.log(V)
     inv_v = 1.0 / V
@@ -445,7 +384,7 @@ def linear_token_stats_fwd_triton(hidden: Tensor, weight: Tensor, bias: Tensor |
         hidden, weight, hidden if bias is None else bias, labels, lp, ent_arg, sc_arg, lse, ws,
         N, V, H, hidden.stride(0), weight.stride(0), inv_t, log_v, inv_v, ignore_index, splits, tiles_per_split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, SPLIT=splits > 1,
-        UPCAST=_interpreting(), PRECISION=_precision(hidden.dtype), num_warps=_num_warps(bm, bn), **common)
+        UPCAST=interpreting(), PRECISION=_precision(hidden.dtype), num_warps=_num_warps(bm, bn), **common)
     if splits > 1:
         block_r = 16
         _linear_token_stats_merge_kernel[(triton.cdiv(N, block_r),)](
@@ -474,7 +413,7 @@ def linear_token_stats_bwd_triton(grad_logprobs: Tensor | None, grad_entropy: Te
     for name, t in (("grad_logprobs", grad_logprobs), ("grad_entropy", grad_entropy),
                     ("grad_self_certainty", grad_self_certainty), ("lse", lse),
                     ("entropy", entropy if grad_entropy is not None else None)):
-        _row_vector(name, t, N, dev)
+        check_row_vector(name, t, (N,), dev)
 
     f32 = torch.float32
     # fp32 accumulators (atomics), zeroed; fp32 outputs are returned as they are, others cast once at the end.
@@ -499,7 +438,7 @@ def linear_token_stats_bwd_triton(grad_logprobs: Tensor | None, grad_entropy: Te
             HAS_GLP=grad_logprobs is not None, HAS_GH=grad_entropy is not None,
             HAS_GSC=grad_self_certainty is not None,
             NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=bool(need_bias), FILTER=filter_eps > 0,
-            UPCAST=_interpreting(), PRECISION=_precision(hidden.dtype), num_warps=_num_warps(bm, bn))
+            UPCAST=interpreting(), PRECISION=_precision(hidden.dtype), num_warps=_num_warps(bm, bn))
     if need_hidden and hidden.dtype != f32:
         dh = dh.to(hidden.dtype)
     if need_weight and weight.dtype != f32:

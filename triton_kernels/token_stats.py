@@ -18,13 +18,14 @@ Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (how the tests 
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from hotloop.triton_kernels._common import FLOAT_DTYPES, check_row_vector, vocab_splits
 
 
 # ------------------------------------------------------------------------------------------------ jit helpers
@@ -37,8 +38,9 @@ def _row_offset(row, T, stride_b, stride_t):
 
 
 @triton.jit
-def _finalize_row(row, m, s, a, bsum, valid, in_range, zy, inv_t, log_v, inv_v,
-                  lp_ptr, ent_ptr, sc_ptr, lse_ptr, HAS_ENTROPY: tl.constexpr, HAS_SC: tl.constexpr):
+def _finalize_rows(rows, rmask, m, s, a, bsum, zy, valid, in_range, log_v, inv_v,
+                   lp_ptr, ent_ptr, sc_ptr, lse_ptr, HAS_ENTROPY: tl.constexpr, HAS_SC: tl.constexpr):
+    # one row (scalars) or a block of rows (vectors, rmask for the tail); zy is z'[y], already divided by T
     nan = float("nan")
     # rows whose loop was skipped have s = 0: give them a harmless (m, s) so no log(0) / 0 / 0 is evaluated
     live = valid & in_range
@@ -47,17 +49,16 @@ def _finalize_row(row, m, s, a, bsum, valid, in_range, zy, inv_t, log_v, inv_v,
     log_s = tl.log(s)
     lse = m + log_s
     zero = tl.zeros_like(lse)
-    lp = zy * inv_t - lse
     # ignored rows: exact zeros (lse 0); labels outside [0, V): NaN in every output
-    lp = tl.where(in_range, lp, nan)
-    tl.store(lp_ptr + row, tl.where(valid, lp, zero))
-    tl.store(lse_ptr + row, tl.where(valid, tl.where(in_range, lse, nan), zero))
+    lp = tl.where(in_range, zy - lse, nan)
+    tl.store(lp_ptr + rows, tl.where(valid, lp, zero), mask=rmask)
+    tl.store(lse_ptr + rows, tl.where(valid, tl.where(in_range, lse, nan), zero), mask=rmask)
     if HAS_ENTROPY:
         ent = tl.where(in_range, log_s - a / s, nan)
-        tl.store(ent_ptr + row, tl.where(valid, ent, zero))
+        tl.store(ent_ptr + rows, tl.where(valid, ent, zero), mask=rmask)
     if HAS_SC:
         sc = tl.where(in_range, lse - bsum * inv_v - log_v, nan)
-        tl.store(sc_ptr + row, tl.where(valid, sc, zero))
+        tl.store(sc_ptr + rows, tl.where(valid, sc, zero), mask=rmask)
 
 
 @triton.jit
@@ -131,8 +132,8 @@ def _token_stats_fwd_kernel(
     else:
         y = tl.where(in_range, label, 0)
         zy = tl.load(row_ptr + y, mask=in_range & valid, other=0.0).to(tl.float32)
-        _finalize_row(row, m, s, a, bsum, valid, in_range, zy, inv_t, log_v, inv_v,
-                      lp_ptr, ent_ptr, sc_ptr, lse_ptr, HAS_ENTROPY, HAS_SC)
+        _finalize_rows(row, row >= 0, m, s, a, bsum, zy * inv_t, valid, in_range, log_v, inv_v,
+                       lp_ptr, ent_ptr, sc_ptr, lse_ptr, HAS_ENTROPY, HAS_SC)
 
 
 @triton.jit
@@ -171,8 +172,8 @@ def _token_stats_merge_kernel(
 
     y = tl.where(in_range, label, 0)
     zy = tl.load(row_ptr + y, mask=in_range & valid, other=0.0).to(tl.float32)
-    _finalize_row(row, m, s, a, bsum, valid, in_range, zy, inv_t, log_v, inv_v,
-                  lp_ptr, ent_ptr, sc_ptr, lse_ptr, HAS_ENTROPY, HAS_SC)
+    _finalize_rows(row, row >= 0, m, s, a, bsum, zy * inv_t, valid, in_range, log_v, inv_v,
+                   lp_ptr, ent_ptr, sc_ptr, lse_ptr, HAS_ENTROPY, HAS_SC)
 
 
 @triton.jit
@@ -242,14 +243,6 @@ def _token_stats_bwd_kernel(
 
 
 # -------------------------------------------------------------------------------------------------- launchers
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _block_v(V: int, itemsize: int, device: torch.device, block_v: int | None) -> int:
     if block_v is not None:
         if block_v < 1 or block_v & (block_v - 1):
@@ -266,22 +259,6 @@ def _num_warps(block_v: int) -> int:
     return max(1, min(8, block_v // 512))
 
 
-def _splits(rows: int, n_tiles: int, device: torch.device, num_splits: int | None) -> tuple[int, int]:
-    """-> (splits, tiles_per_split). Split the vocabulary only when rows alone leave SMs idle."""
-    if num_splits is not None:
-        if num_splits < 1:
-            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-        return num_splits, triton.cdiv(n_tiles, num_splits)
-    splits = 1
-    if device.type == "cuda" and n_tiles > 1:
-        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        if rows < target:
-            splits = min(n_tiles, triton.cdiv(target, rows))
-    tiles_per_split = triton.cdiv(n_tiles, splits)
-    # re-balance so no split is left without a tile
-    return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
-
-
 def _check_rows3d(name: str, t: Tensor) -> None:
     if t.dim() != 3:
         raise ValueError(f"{name} must be [B, T, V], got shape {tuple(t.shape)}")
@@ -291,7 +268,7 @@ def _check_rows3d(name: str, t: Tensor) -> None:
 
 def _check_logits_labels(logits: Tensor, labels: Tensor) -> None:
     _check_rows3d("logits", logits)
-    if logits.dtype not in _DTYPES:
+    if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"triton token_stats takes float32 / bfloat16 / float16 logits, got {logits.dtype}")
     if labels.shape != logits.shape[:2] or not labels.is_contiguous():
         raise ValueError(f"labels must be contiguous {tuple(logits.shape[:2])}, got {tuple(labels.shape)} "
@@ -300,14 +277,6 @@ def _check_logits_labels(logits: Tensor, labels: Tensor) -> None:
         raise TypeError(f"labels must be int32 or int64, got {labels.dtype}")
     if labels.device != logits.device:
         raise ValueError(f"labels on {labels.device}, logits on {logits.device}")
-
-
-def _row_vector(name: str, t: Tensor | None, rows: tuple[int, int], device: torch.device) -> None:
-    if t is None:
-        return
-    if t.shape != rows or not t.is_contiguous() or t.dtype != torch.float32 or t.device != device:
-        raise ValueError(f"{name} must be a contiguous float32 {rows} tensor on {device}, got "
-                         f"{t.dtype} {tuple(t.shape)} strides {t.stride()} on {t.device}")
 
 
 def token_stats_fwd_triton(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, entropy: bool,
@@ -329,7 +298,7 @@ def token_stats_fwd_triton(logits: Tensor, labels: Tensor, temperature: float, i
         return lp, ent, sc, lse
 
     block = _block_v(V, logits.element_size(), dev, block_v)
-    splits, tiles_per_split = _splits(rows, max(1, triton.cdiv(V, block)), dev, num_splits)
+    splits, tiles_per_split = vocab_splits(rows, max(1, triton.cdiv(V, block)), dev, num_splits)
     inv_t = 1.0 / float(temperature)
     log_v = math.log(V) if V > 0 else 0.0
     inv_v = 1.0 / V if V > 0 else 0.0
@@ -374,12 +343,12 @@ def token_stats_bwd_triton(grad_logits: Tensor, grad_logprobs: Tensor | None, gr
     for name, t in (("grad_logprobs", grad_logprobs), ("grad_entropy", grad_entropy),
                     ("grad_self_certainty", grad_self_certainty), ("lse", lse),
                     ("entropy", entropy if grad_entropy is not None else None)):
-        _row_vector(name, t, (B, T), dev)
+        check_row_vector(name, t, (B, T), dev)
     if rows == 0 or V == 0:
         return
 
     block = _block_v(V, logits.element_size(), dev, block_v)
-    splits, tiles_per_split = _splits(rows, max(1, triton.cdiv(V, block)), dev, num_splits)
+    splits, tiles_per_split = vocab_splits(rows, max(1, triton.cdiv(V, block)), dev, num_splits)
     dummy = lse
     _token_stats_bwd_kernel[(rows, splits)](
         grad_logits, logits, labels.view(-1),
