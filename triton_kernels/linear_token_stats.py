@@ -292,10 +292,12 @@ def _block(name: str, value: int | None, default: int) -> int:
     return value
 
 
-def _blocks(N: int, V: int, H: int, device: torch.device, block_m, block_n, block_k) -> tuple[int, int, int]:
+def _blocks(N: int, V: int, H: int, itemsize: int, device: torch.device, block_m, block_n, block_k
+            ) -> tuple[int, int, int]:
     if device.type == "cuda":
-        # tensor-core tiles: 128 x 128 fp32 accumulator over 8 warps, 64-wide K chunks (bf16: 128 B rows)
-        dm, dn, dk = 128, 128, 64
+        # tensor-core tiles: 128 x 128 fp32 accumulator over 8 warps, K chunks of 128 bytes per row (64 bf16 or
+        # 32 fp32: fp32 operands at 64 would need 64 KiB of shared memory per pipeline stage)
+        dm, dn, dk = 128, 128, 128 // itemsize
         if N <= 64:
             dm = 64
     else:
@@ -370,7 +372,7 @@ def linear_token_stats_fwd_triton(hidden: Tensor, weight: Tensor, bias: Tensor |
     if N == 0:
         return lp, ent, sc, lse
 
-    bm, bn, bk = _blocks(N, V, H, dev, block_m, block_n, block_k)
+    bm, bn, bk = _blocks(N, V, H, hidden.element_size(), dev, block_m, block_n, block_k)
     m_blocks = triton.cdiv(N, bm)
     splits, tiles_per_split = vocab_splits(m_blocks, triton.cdiv(V, bn), dev, num_splits)
     inv_t = 1.0 / float(temperature)
@@ -423,7 +425,7 @@ def linear_token_stats_bwd_triton(grad_logprobs: Tensor | None, grad_entropy: Te
     db = torch.zeros((V,), dtype=f32, device=dev) if need_bias else (hidden if bias is None else bias).new_empty((0,))
     has_grad = any(g is not None for g in (grad_logprobs, grad_entropy, grad_self_certainty))
     if N > 0 and has_grad and (need_hidden or need_weight or need_bias):
-        bm, bn, bk = _blocks(N, V, H, dev, block_m, block_n, block_k)
+        bm, bn, bk = _blocks(N, V, H, hidden.element_size(), dev, block_m, block_n, block_k)
         dummy = lse
         _linear_token_stats_bwd_kernel[(triton.cdiv(N, bm), triton.cdiv(V, bn))](
             dh if need_hidden else dummy, dw if need_weight else dummy, db if need_bias else dummy,
