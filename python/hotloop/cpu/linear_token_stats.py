@@ -1,10 +1,11 @@
 """Fused linear log-probs on CPU: BLAS over cache-sized blocks of logits + the token_stats C++ kernels.
 
 The [N, V] logits never exist; one reusable buffer of about CHUNK_BYTES does.
-Forward: token chunks of C rows. logits_c = h_c @ W^T (+ b) into the buffer (oneDNN / BLAS), then
-  token_stats_fwd_cpu on it. Reads W once per chunk (N / C times in all).
-Backward: vocabulary blocks of Vb columns, all tokens at once when [N, Vb] fits the buffer (token chunks inside
-  otherwise). Per block: recompute logits, overwrite them with their gradient G (token_stats_bwd_cpu with the
+Both passes go over vocabulary blocks of Vb columns, all tokens at once when [N, Vb] fits the buffer (token
+chunks inside otherwise), so the matmul packs each weight block once.
+Forward: per block, logits = h @ W[block]^T (+ b) into the buffer (oneDNN / BLAS), token_stats_fwd_cpu on it,
+  and the block's (lse, entropy, mean) merged into the rows' running totals.
+Backward: per block: recompute logits, overwrite them with their gradient G (token_stats_bwd_cpu with the
   block's column offset), then d_W[block] = G^T h (one matmul, one rounding), d_h += G W[block] (float32
   accumulator), d_b[block] = sum G. Going block by block over the vocabulary makes each d_W block final in one
   matmul, so a bf16 weight gradient is rounded once, as in the materialised path.
@@ -15,6 +16,7 @@ nothing, and a non-finite hidden state there cannot reach d_weight through 0 * N
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -75,26 +77,52 @@ def linear_token_stats_fwd_cpu(hidden: Tensor, weight: Tensor, bias: Tensor | No
             _scatter_rows(sc, idx, n) if self_certainty else sc, _scatter_rows(lse, idx, n))
 
 
+def _block_shape(N: int, V: int, elt: int) -> tuple[int, int]:
+    """(token rows, vocabulary columns) of one logits block of about CHUNK_BYTES.
+
+    Vocabulary blocks take every token when they can: a block's weight rows are then packed by the matmul once
+    in all, where token chunks would re-pack the whole [V, H] weight for each chunk (the cost that dominates
+    skinny matmuls on CPU). Blocks stay at least 256 columns wide; very many tokens are chunked instead.
+    """
+    cols = min(V, max(256, CHUNK_BYTES // max(1, N * elt)))
+    rows = max(1, min(N, CHUNK_BYTES // (cols * elt)))
+    return rows, cols
+
+
 def _fwd(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty):
+    """Vocabulary blocks outermost; each block's statistics from the C++ kernel are merged exactly:
+    lse = logaddexp over blocks, E[z'] (entropy = lse - E[z']) weighted by exp(lse_b - lse), sum z' added up,
+    z'[y] taken from the block that holds y."""
     N, V = hidden.shape[0], weight.shape[0]
-    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    lp, lse = hidden.new_empty(N, dtype=out_dtype), hidden.new_empty(N, dtype=out_dtype)
-    ent = hidden.new_empty(N if entropy else 0, dtype=out_dtype)
-    sc = hidden.new_empty(N if self_certainty else 0, dtype=out_dtype)
-    rows = max(1, min(N, CHUNK_BYTES // (V * hidden.element_size())))
-    buf = hidden.new_empty(rows * V)
-    w_t = weight.t()
-    for i0 in range(0, N, rows):
-        i1 = min(N, i0 + rows)
-        z = _matmul_into(buf[: (i1 - i0) * V].view(i1 - i0, V), hidden[i0:i1], w_t, bias)
-        c_lp, c_ent, c_sc, c_lse = torch.ops.hotloop.token_stats_fwd_cpu(
-            z.unsqueeze(0), labels[i0:i1].unsqueeze(0), temperature, ignore_index, entropy, self_certainty)
-        lp[i0:i1], lse[i0:i1] = c_lp[0], c_lse[0]
-        if entropy:
-            ent[i0:i1] = c_ent[0]
-        if self_certainty:
-            sc[i0:i1] = c_sc[0]
-    return lp, ent, sc, lse
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    rows, cols = _block_shape(N, V, hidden.element_size())
+    buf = hidden.new_empty(rows * cols)
+    lse = hidden.new_full((N,), float("-inf"), dtype=acc)
+    mean_z = hidden.new_zeros(N, dtype=acc)  # E[z'] under the softmax of the blocks seen so far
+    sum_z = hidden.new_zeros(N, dtype=acc)
+    z_label = hidden.new_zeros(N, dtype=acc)
+    for v0 in range(0, V, cols):
+        v1 = min(V, v0 + cols)
+        w_t, b_blk = weight[v0:v1].t(), None if bias is None else bias[v0:v1]
+        in_block = (labels >= v0) & (labels < v1)
+        local = (labels - v0).clamp(0, v1 - v0 - 1)  # any column will do where y is elsewhere
+        for i0 in range(0, N, rows):
+            i1 = min(N, i0 + rows)
+            z = _matmul_into(buf[: (i1 - i0) * (v1 - v0)].view(i1 - i0, v1 - v0), hidden[i0:i1], w_t, b_blk)
+            b_lp, b_ent, b_sc, b_lse = (t.reshape(-1) for t in torch.ops.hotloop.token_stats_fwd_cpu(
+                z.unsqueeze(0), local[i0:i1].unsqueeze(0), temperature, ignore_index, entropy, self_certainty))
+            new_lse = torch.logaddexp(lse[i0:i1], b_lse)
+            if entropy:
+                w_old, w_blk = torch.exp(lse[i0:i1] - new_lse), torch.exp(b_lse - new_lse)
+                blk_mean = torch.where(w_blk > 0, w_blk * (b_lse - b_ent), 0.0)  # a block of -inf adds nothing
+                mean_z[i0:i1] = torch.where(w_old > 0, w_old * mean_z[i0:i1], 0.0) + blk_mean
+            if self_certainty:  # the kernel's sc = lse_b - mean_b(z') - log(width)
+                sum_z[i0:i1] += (v1 - v0) * (b_lse - b_sc - math.log(v1 - v0))
+            z_label[i0:i1] = torch.where(in_block[i0:i1], b_lp + b_lse, z_label[i0:i1])
+            lse[i0:i1] = new_lse
+    empty = lambda: hidden.new_empty(0, dtype=acc)  # noqa: E731  (outputs of a custom op may not alias)
+    return (z_label - lse, lse - mean_z if entropy else empty(),
+            lse - sum_z / V - math.log(V) if self_certainty else empty(), lse)
 
 
 def _rows(t: Tensor | None, i0: int, i1: int) -> Tensor | None:
@@ -126,11 +154,8 @@ def _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias,
          ignore_index, need_hidden, need_weight, need_bias):
     N, H = hidden.shape
     V = weight.shape[0]
-    elt = hidden.element_size()
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    cols = max(1, min(V, CHUNK_BYTES // (N * elt)))
-    cols = min(V, max(cols, 256))  # very many tokens: keep blocks wide enough for efficient matmuls...
-    rows = max(1, min(N, CHUNK_BYTES // (cols * elt)))  # ...and chunk the tokens instead
+    rows, cols = _block_shape(N, V, hidden.element_size())
     buf = hidden.new_empty(rows * cols)
 
     d_h = hidden.new_zeros((N, H), dtype=acc) if need_hidden else hidden.new_empty(0)
