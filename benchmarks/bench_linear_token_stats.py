@@ -153,17 +153,6 @@ def make_hotloop_logprobs() -> Stats:
     return lambda hidden, weight, labels: (hotloop.linear_token_logprobs(hidden, weight, labels), None)
 
 
-def _importable(module: str) -> Callable[[], str | None]:
-    def check():
-        try:
-            __import__(module)
-        except Exception as exc:  # noqa: BLE001  (any failure means: not available here)
-            return f"{module} not importable: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-        return None
-
-    return check
-
-
 @dataclasses.dataclass(frozen=True)
 class Provider:
     name: str
@@ -181,15 +170,15 @@ PROVIDERS = [
     # compile and CCE's torch_compile fallback both do the same GEMM as eager: on the slow case they would add
     # ~5 min each to the run while the GEMM, not the compiled softmax, sets their time
     Provider("compile", make_compiled, compiles=True, in_quick=False, in_slow=False),
-    Provider("liger_flce", make_liger_flce, _importable("liger_kernel.transformers"), entropy=False,
+    Provider("liger_flce", make_liger_flce, harness.importable("liger_kernel.transformers"), entropy=False,
              gpu_only=True),
-    Provider("liger_chunked", make_liger_chunked, _importable("liger_kernel.chunked_loss.fused_linear_ppo"),
+    Provider("liger_chunked", make_liger_chunked, harness.importable("liger_kernel.chunked_loss.fused_linear_ppo"),
              entropy=False),
-    Provider("cce", make_cce, _importable("cut_cross_entropy"), entropy=False,
+    Provider("cce", make_cce, harness.importable("cut_cross_entropy"), entropy=False,
              compiles=not torch.cuda.is_available(), in_quick=False, in_slow=False),
-    Provider("verl", make_verl, _importable("verl.utils.kernel.linear_cross_entropy"), gpu_only=True),
-    Provider("hotloop", make_hotloop, _importable("hotloop")),
-    Provider("hotloop_logprobs", make_hotloop_logprobs, _importable("hotloop"), entropy=False),
+    Provider("verl", make_verl, harness.importable("verl.utils.kernel.linear_cross_entropy"), gpu_only=True),
+    Provider("hotloop", make_hotloop, harness.importable("hotloop")),
+    Provider("hotloop_logprobs", make_hotloop_logprobs, harness.importable("hotloop"), entropy=False),
 ]
 BY_NAME = {p.name: p for p in PROVIDERS}
 

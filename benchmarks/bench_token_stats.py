@@ -105,17 +105,6 @@ def make_hotloop(entropy: bool, inplace: bool = False) -> Stats:
     return lambda logits, labels: (hotloop.token_logprobs(logits, labels, inplace_backward=inplace), None)
 
 
-def _importable(module: str) -> Callable[[], str | None]:
-    def check():
-        try:
-            __import__(module)
-        except Exception as exc:  # noqa: BLE001  (any failure means: not available here)
-            return f"{module} not importable: {type(exc).__name__}"
-        return None
-
-    return check
-
-
 @dataclasses.dataclass(frozen=True)
 class Provider:
     name: str
@@ -131,13 +120,13 @@ class Provider:
 PROVIDERS = [
     Provider("eager", make_eager),
     Provider("compile", make_compiled, in_quick=False),
-    Provider("trl", make_trl, _importable("trl.trainer.utils"), in_quick=False),
-    Provider("liger", make_liger, _importable("liger_kernel.transformers.functional"), entropy=False,
+    Provider("trl", make_trl, harness.importable("trl.trainer.utils"), in_quick=False),
+    Provider("liger", make_liger, harness.importable("liger_kernel.transformers.functional"), entropy=False,
              gpu_only=True, mutates_logits=True),
-    Provider("flash_attn", make_flash_attn, _importable("flash_attn.ops.triton.cross_entropy"), entropy=False,
+    Provider("flash_attn", make_flash_attn, harness.importable("flash_attn.ops.triton.cross_entropy"), entropy=False,
              gpu_only=True),
-    Provider("hotloop", make_hotloop, _importable("hotloop")),
-    Provider("hotloop_inplace", lambda e: make_hotloop(e, inplace=True), _importable("hotloop"), forward=False,
+    Provider("hotloop", make_hotloop, harness.importable("hotloop")),
+    Provider("hotloop_inplace", lambda e: make_hotloop(e, inplace=True), harness.importable("hotloop"), forward=False,
              mutates_logits=True),
 ]
 BY_NAME = {p.name: p for p in PROVIDERS}

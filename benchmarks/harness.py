@@ -105,6 +105,18 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------- timing
+def importable(module: str) -> Callable[[], str | None]:
+    """A provider's availability check: None when `module` imports here, else the reason it does not."""
+    def check():
+        try:
+            __import__(module)
+        except Exception as exc:  # noqa: BLE001  (any failure means: not available here)
+            return f"{module} not importable: {type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+        return None
+
+    return check
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
