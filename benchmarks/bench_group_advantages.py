@@ -13,7 +13,6 @@ singleton rule (mean 0, std 1) and the spec's (advantage 0) agree.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from collections import defaultdict
@@ -151,10 +150,8 @@ def bench_case(case: Case, dev: torch.device, timing: dict) -> list[harness.Reco
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes: a CI smoke test")
-    ap.add_argument("--out-dir", help="results root (default benchmarks/results); files go to <root>/<device>/")
-    return ap.parse_known_args(argv)[0]  # known-args: run.py hands every bench the same argv
+    ap = harness.arg_parser(__doc__)
+    return harness.parse_bench_args(ap, argv)
 
 
 def main(argv=None) -> list[harness.Record]:

@@ -12,7 +12,6 @@ hotloop_logprobs (hotloop.linear_token_logprobs), so each peer is compared with 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -381,18 +380,8 @@ def dense_mm_tflops(dev: torch.device) -> float | None:
     return 2 * 8192 * 4096 * 8192 / (ms * 1e-3) / 1e12
 
 
-def hotloop_backend(dev: torch.device) -> str | None:
-    try:
-        from hotloop._backend import resolve_backend
-
-        return resolve_backend(BENCH, dev, ("reference", "cpu", "triton"))
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, fast providers: a CI smoke test")
+    ap = harness.arg_parser(__doc__, "tiny shapes, fast providers: a CI smoke test")
     ap.add_argument("--cases", help="comma-separated substrings of case names, e.g. bf16 or 2048x1024")
     ap.add_argument("--modes", help=f"comma-separated, from {','.join(MODES)}")
     ap.add_argument("--providers", help=f"comma-separated, from {','.join(BY_NAME)} (hotloop and "
@@ -404,8 +393,7 @@ def parse_args(argv):
                     help="calls per row of the slow CPU case: 1 = the checked call is the sample; k > 1 = it is "
                          "the warm-up and k - 1 timed calls give the median (3: 1 warm-up + 2 timed)")
     ap.add_argument("--slow-all", action="store_true", help="also run compile and cce on the slow CPU case")
-    ap.add_argument("--out-dir", help="results root (default benchmarks/results); files go to <root>/<device>/")
-    return ap.parse_known_args(argv)[0]  # known-args: run.py hands every bench the same argv
+    return harness.parse_bench_args(ap, argv)
 
 
 def main(argv=None) -> list[harness.Record]:
@@ -449,7 +437,7 @@ def main(argv=None) -> list[harness.Record]:
 
     env = harness.env_info()
     env["versions"].update({d: harness._version(d) for d in ("cut-cross-entropy", "verl")})
-    extra = {"bench": BENCH, "quick": args.quick, "hotloop_backend": hotloop_backend(dev),
+    extra = {"bench": BENCH, "quick": args.quick, "hotloop_backend": harness.hotloop_backend(BENCH, dev, ("reference", "cpu", "triton")),
              "wall_s": {"timing": round(t1 - t0, 1), "memory": round(t2 - t1, 1)},
              "dense_bf16_mm_tflops": timing["mm_tflops"],
              "useful_flops": "2*N*H*V (fwd), 6*N*H*V (fwdbwd); hotloop's backward logit recompute not counted",

@@ -6,7 +6,6 @@ provider's forward (logprobs, entropy) and gradient are checked against before i
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -246,24 +245,13 @@ def measure_memory(records: list[harness.Record], quick: bool) -> None:
             r.peak_extra_mib = got / 2**20
 
 
-def hotloop_backend(dev: torch.device) -> str | None:
-    try:
-        from hotloop._backend import resolve_backend
-
-        return resolve_backend(BENCH, dev)
-    except Exception:  # noqa: BLE001
-        return None
-
-
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, fast providers: a CI smoke test")
+    ap = harness.arg_parser(__doc__, "tiny shapes, fast providers: a CI smoke test")
     ap.add_argument("--cases", help="comma-separated substrings of case names, e.g. bf16 or 4096x32000-fp32")
     ap.add_argument("--modes", help=f"comma-separated, from {','.join(MODES)}")
     ap.add_argument("--providers", help=f"comma-separated, from {','.join(BY_NAME)} (eager always runs)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    ap.add_argument("--out-dir", help="results root (default benchmarks/results); files go to <root>/<device>/")
-    return ap.parse_known_args(argv)[0]  # known-args: run.py hands every bench the same argv
+    return harness.parse_bench_args(ap, argv)
 
 
 def main(argv=None) -> list[harness.Record]:
@@ -295,7 +283,7 @@ def main(argv=None) -> list[harness.Record]:
         shutil.rmtree(cache, ignore_errors=True)
 
     env = harness.env_info()
-    extra = {"bench": BENCH, "quick": args.quick, "hotloop_backend": hotloop_backend(dev),
+    extra = {"bench": BENCH, "quick": args.quick, "hotloop_backend": harness.hotloop_backend(BENCH, dev),
              "bytes_moved": "logits read once (+ gradient written once for fwdbwd)",
              "peak_extra": "cuda allocator peak minus allocated before the call" if dev.type == "cuda"
              else "VmHWM - VmRSS around one call in a fresh subprocess, after a warm-up call"}

@@ -117,6 +117,28 @@ def importable(module: str) -> Callable[[], str | None]:
     return check
 
 
+def hotloop_backend(op: str, dev: torch.device, available: tuple[str, ...] | None = None) -> str | None:
+    """The backend hotloop picks for `op` on `dev` (recorded with the results), or None when it has none."""
+    try:
+        from hotloop._backend import BACKENDS, resolve_backend
+
+        return resolve_backend(op, dev, available or BACKENDS)
+    except Exception:  # noqa: BLE001  (not installed / not built: the records say so)
+        return None
+
+
+def arg_parser(doc: str, quick_help: str = "tiny shapes: a CI smoke test") -> argparse.ArgumentParser:
+    """The options every bench module takes (--quick, --out-dir); modules add their own."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out-dir", help="results root (default benchmarks/results); files go to <root>/<device>/")
+    return ap
+
+
+def parse_bench_args(ap: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    return ap.parse_known_args(argv)[0]  # known-args: run.py hands every bench the same argv
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
