@@ -1,10 +1,14 @@
 """hotloop: fused kernels for the hot loops of LLM post-training and self-supervised learning."""
 from hotloop import _ext  # noqa: F401  (loads the compiled kernels when built)
+from hotloop import nn
 from hotloop.ops.group_advantages import group_advantages
+from hotloop.ops.linear_losses import linear_nft_loss, linear_policy_loss
 from hotloop.ops.linear_token_stats import linear_token_logprobs, linear_token_stats
+from hotloop.ops.nft_loss import nft_loss
+from hotloop.ops.policy_loss import policy_loss
 from hotloop.ops.token_stats import TokenStats, token_logprobs, token_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["TokenStats", "group_advantages", "linear_token_logprobs", "linear_token_stats", "token_logprobs",
-           "token_stats", "__version__"]
+__all__ = ["TokenStats", "group_advantages", "linear_nft_loss", "linear_policy_loss", "linear_token_logprobs",
+           "linear_token_stats", "nft_loss", "nn", "policy_loss", "token_logprobs", "token_stats", "__version__"]

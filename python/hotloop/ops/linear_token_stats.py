@@ -111,28 +111,29 @@ def _backward(ctx, g_logprobs, g_entropy, g_self_certainty, g_lse):
 linear_token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> None:
-    check_tensor(_OP, "hidden", hidden, dtypes=FLOAT_DTYPES, min_dim=1)
-    check_tensor(_OP, "weight", weight, dtypes=FLOAT_DTYPES)
-    check_tensor(_OP, "labels", labels, dtypes=LABEL_DTYPES)
+def check_linear_args(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, op: str = _OP) -> None:
+    """hidden [..., H] float, weight [V, H] and bias [V] of hidden's dtype, labels [...] int; one device."""
+    check_tensor(op, "hidden", hidden, dtypes=FLOAT_DTYPES, min_dim=1)
+    check_tensor(op, "weight", weight, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "labels", labels, dtypes=LABEL_DTYPES)
     H = hidden.shape[-1]
     if H == 0:
-        raise ValueError(f"hotloop.{_OP}: `hidden` has an empty hidden dim (shape {tuple(hidden.shape)}); H >= 1")
+        raise ValueError(f"hotloop.{op}: `hidden` has an empty hidden dim (shape {tuple(hidden.shape)}); H >= 1")
     if weight.dim() != 2 or weight.shape[1] != H or weight.shape[0] == 0:
-        raise ValueError(f"hotloop.{_OP}: `weight` must be [V, H] with V >= 1 and H = hidden.shape[-1] = {H}, "
+        raise ValueError(f"hotloop.{op}: `weight` must be [V, H] with V >= 1 and H = hidden.shape[-1] = {H}, "
                          f"got {tuple(weight.shape)}")
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"hotloop.{_OP}: `weight` must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+        raise TypeError(f"hotloop.{op}: `weight` must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
     if bias is not None:
-        check_tensor(_OP, "bias", bias, dtypes=(hidden.dtype,))
+        check_tensor(op, "bias", bias, dtypes=(hidden.dtype,))
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"hotloop.{_OP}: `bias` must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+            raise ValueError(f"hotloop.{op}: `bias` must be [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"hotloop.{_OP}: `labels` must have the leading shape of `hidden` "
+        raise ValueError(f"hotloop.{op}: `labels` must have the leading shape of `hidden` "
                          f"{tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
-    check_same_device(_OP, hidden=hidden, weight=weight, bias=bias, labels=labels)
+    check_same_device(op, hidden=hidden, weight=weight, bias=bias, labels=labels)
     if hidden.dtype == torch.float64 and hidden.device.type != "cpu":
-        raise TypeError(f"hotloop.{_OP}: float64 `hidden` is supported on CPU only")
+        raise TypeError(f"hotloop.{op}: float64 `hidden` is supported on CPU only")
 
 
 def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
@@ -152,7 +153,7 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
         Differentiable w.r.t. hidden, weight and bias; the backward recomputes blocks of logits and never
         allocates [N, V]. Gradients of a weight shared across calls accumulate as usual.
     """
-    _check(hidden, weight, bias, labels)
+    check_linear_args(hidden, weight, bias, labels)
     temperature = check_positive(_OP, "temperature", temperature)
     ignore_index = check_index(_OP, "ignore_index", ignore_index)
     backend = resolve_backend(_OP, hidden.device, _BACKENDS)

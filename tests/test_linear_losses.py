@@ -1,0 +1,202 @@
+"""linear_policy_loss / linear_nft_loss and the nn modules: loss and gradients of hidden, weight and bias against
+float64 materialised math, equality with composing the unfused ops, the CPU one-pass path over several token
+blocks, masked garbage labels, weight-gradient accumulation across calls, and the Triton path (interpreter).
+"""
+import pytest
+import torch
+
+import hotloop
+import hotloop.cpu.linear_loss as cpu_linear_loss
+from hotloop.reference.policy_loss import nft_loss_ref, policy_loss_ref, with_entropy_bonus
+
+from helpers import HAS_CUDA, rel_err
+
+TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)}  # (loss, gradients)
+
+
+def _inputs(B, T, H, V, dtype, bias=True, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64) / H ** 0.25
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / H ** 0.25
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    labels[~mask] = V + 7  # padding ids may be anything
+    old = torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3 - 5.0
+    ref = old + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(b), labels, mask, old.float(), ref.float(), adv.float()
+
+
+def _logp64(hidden, weight, bias, labels, mask, temperature):
+    """Materialised float64 log-probs and entropy of the masked positions."""
+    z = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+    lsm = torch.log_softmax(z / temperature, -1)
+    lp = lsm.gather(-1, torch.where(mask, labels, 0)[..., None]).squeeze(-1)
+    return lp, -(lsm.exp() * lsm).sum(-1)
+
+
+def _leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_() for t in ts]
+
+
+def _check_grads(got, want, tol):
+    for g, w in zip(got, want):
+        if w is None:
+            continue
+        assert rel_err(g.grad.double(), w.grad) < tol
+
+
+OPTS = [dict(), dict(kl_coef=0.05, entropy_coef=0.01, temperature=0.7, agg="seq-mean-token-mean"),
+        dict(importance="sequence", agg="dr_grpo", dual_clip=3.0), dict(clip_high=0.28, agg="seq-mean-token-sum")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", OPTS, ids=["default", "kl-entropy-temp", "gspo-drgrpo", "dapo"])
+def test_linear_policy_loss_matches_float64(dtype, opts):
+    B, T, H, V = 3, 9, 200, 1037
+    hidden, weight, bias, labels, mask, old, ref, adv = _inputs(B, T, H, V, dtype)
+    h, w, b = _leaves(hidden, weight, bias)
+    loss, metrics = hotloop.linear_policy_loss(h, w, labels, old, adv, mask, ref_logp=ref, bias=b, **opts)
+    loss.backward()
+    h64, w64, b64 = _leaves(hidden.double(), weight.double(), bias.double())
+    temperature = opts.get("temperature", 1.0)
+    lp, ent = _logp64(h64, w64, b64, labels, mask, temperature)
+    ref_loss, ref_metrics = policy_loss_ref(
+        lp, old.double(), adv.double(), mask, ref.double(), "k3", opts.get("kl_coef", 0.0), 0.2,
+        opts.get("clip_high", 0.2), opts.get("dual_clip"), opts.get("importance", "token"),
+        opts.get("agg", "token-mean"), T, None)
+    ref_loss, ref_metrics = with_entropy_bonus(ref_loss, ref_metrics, ent, mask, opts.get("entropy_coef", 0.0),
+                                               opts.get("agg", "token-mean"), T, None)
+    ref_loss.backward()
+    tl, tg = TOL[dtype]
+    assert rel_err(loss.detach(), ref_loss.detach()) < tl
+    for name in ref_metrics:
+        assert rel_err(metrics[name], ref_metrics[name]) < max(tl, 1e-4), name
+    _check_grads((h, w, b), (h64, w64, b64), tg)
+    assert torch.all(h.grad[~mask] == 0)
+
+
+@pytest.mark.parametrize("ratio", ["token", "sequence"])
+def test_linear_nft_loss_matches_float64(ratio):
+    B, T, H, V = 4, 7, 64, 501
+    hidden, weight, bias, labels, mask, old, _, _ = _inputs(B, T, H, V, torch.float32)
+    correct = torch.tensor([1, 0, 0, 1])
+    h, w, b = _leaves(hidden, weight, bias)
+    loss, _ = hotloop.linear_nft_loss(h, w, labels, old, correct, mask, bias=b, group_size=2, ratio=ratio,
+                                      entropy_coef=0.02, normalize=2)
+    loss.backward()
+    h64, w64, b64 = _leaves(hidden.double(), weight.double(), bias.double())
+    lp, ent = _logp64(h64, w64, b64, labels, mask, 1.0)
+    ref_loss, m = nft_loss_ref(lp, old.double(), correct, mask, 2, None, 1.0, 2, 1.0, ratio, "token-mean", None, None)
+    ref_loss, _ = with_entropy_bonus(ref_loss, m, ent, mask, 0.02, "token-mean", None, None)
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    _check_grads((h, w, b), (h64, w64, b64), 1e-4)
+
+
+def test_equals_composition_of_unfused_ops():
+    B, T, H, V = 4, 10, 48, 300
+    hidden, weight, _, labels, mask, old, ref, adv = _inputs(B, T, H, V, torch.float32, bias=False)
+    h1, w1, h2, w2 = _leaves(hidden, weight, hidden, weight)
+    fused, m1 = hotloop.linear_policy_loss(h1, w1, labels, old, adv, mask, ref_logp=ref, kl_coef=0.1)
+    lp = hotloop.linear_token_logprobs(h2, w2, torch.where(mask, labels, -100))
+    composed, m2 = hotloop.policy_loss(lp, old, adv, mask, ref_logp=ref, kl_coef=0.1)
+    fused.backward(), composed.backward()
+    assert rel_err(fused.detach(), composed.detach()) < 1e-6
+    assert rel_err(h1.grad, h2.grad) < 1e-5 and rel_err(w1.grad, w2.grad) < 1e-5
+    for k in m2:
+        assert rel_err(m1[k], m2[k]) < 1e-6, k
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_one_pass_over_many_token_blocks(monkeypatch, dtype):
+    """A buffer of a few rows forces many blocks: the d_weight accumulation across them is checked."""
+    B, T, H, V = 4, 16, 32, 257
+    hidden, weight, bias, labels, mask, old, ref, adv = _inputs(B, T, H, V, dtype)
+    runs = []
+    for chunk_bytes in (1 << 30, 5 * V * hidden.element_size()):
+        monkeypatch.setattr(cpu_linear_loss, "CHUNK_BYTES", chunk_bytes)
+        h, w, b = _leaves(hidden, weight, bias)
+        loss, _ = hotloop.linear_policy_loss(h, w, labels, old, adv, mask, bias=b, entropy_coef=0.1)
+        loss.backward()
+        runs.append((loss.detach(), h.grad, w.grad, b.grad))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for one, many in zip(*runs):
+        assert rel_err(many.double(), one.double()) < tol
+
+
+def test_weight_shared_across_calls_accumulates():
+    B, T, H, V = 2, 6, 16, 100
+    a = _inputs(B, T, H, V, torch.float32, bias=False)
+    c = _inputs(B, T, H, V, torch.float32, bias=False)
+    w = a[1].clone().requires_grad_()
+    l1, _ = hotloop.linear_policy_loss(a[0], w, a[3], a[5], a[7], a[4])
+    l2, _ = hotloop.linear_policy_loss(c[0], w, c[3], c[5], c[7], c[4])
+    (l1 + 2 * l2).backward()
+    w1, w2 = _leaves(a[1], a[1])
+    hotloop.linear_policy_loss(a[0], w1, a[3], a[5], a[7], a[4])[0].backward()
+    hotloop.linear_policy_loss(c[0], w2, c[3], c[5], c[7], c[4])[0].backward()
+    assert rel_err(w.grad, w1.grad + 2 * w2.grad) < 1e-6
+
+
+def test_all_masked_gives_zero_loss_and_gradients():
+    hidden, weight, _, labels, mask, old, _, adv = _inputs(2, 5, 16, 50, torch.float32, bias=False)
+    h, w = _leaves(hidden, weight)
+    loss, metrics = hotloop.linear_policy_loss(h, w, labels, old, adv, torch.zeros_like(mask))
+    loss.backward()
+    assert loss.item() == 0 and h.grad.abs().sum() == 0 and w.grad.abs().sum() == 0
+    assert metrics["entropy_mean"].item() == 0
+
+
+def test_label_out_of_range_under_the_mask_is_an_error():
+    hidden, weight, _, labels, mask, old, _, adv = _inputs(2, 5, 16, 50, torch.float32, bias=False)
+    labels[0, 0] = 50
+    mask[0, 0] = True
+    with pytest.raises(ValueError, match="`labels` must lie in"):
+        hotloop.linear_policy_loss(hidden, weight, labels, old, adv, mask)
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(weight=torch.zeros(50, 15)), "`weight` must be [V, H]"),
+    (dict(bias=torch.zeros(49)), "`bias` must be [V]"),
+    (dict(labels=torch.zeros(2, 4, dtype=torch.int64)), "`labels` must have the leading shape"),
+    (dict(old=torch.zeros(2, 4)), "`old_logp` must have the shape"),
+])
+def test_linear_errors(change, words):
+    hidden, weight, _, labels, mask, old, _, adv = _inputs(2, 5, 16, 50, torch.float32, bias=False)
+    args = {"weight": weight, "bias": None, "labels": labels, "old": old, **change}
+    with pytest.raises(ValueError) as info:
+        hotloop.linear_policy_loss(hidden, args["weight"], args["labels"], args["old"], adv, mask, bias=args["bias"])
+    assert words in str(info.value)
+
+
+def test_grpo_module_matches_function():
+    hidden, weight, _, labels, mask, old, ref, adv = _inputs(3, 8, 32, 120, torch.float32, bias=False)
+    module = hotloop.nn.GRPOLoss(beta=0.04, epsilon_high=0.28, loss_type="grpo", temperature=0.9)
+    a, _ = module(hidden, weight, labels, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)
+    b, _ = hotloop.linear_policy_loss(hidden, weight, labels, old, adv, mask, ref_logp=ref, kl_coef=0.04,
+                                      clip_high=0.28, agg="seq-mean-token-mean", temperature=0.9)
+    assert a.item() == b.item()
+    nft = hotloop.nn.NFTLoss(group_size=3)
+    c, _ = nft(hidden, weight, labels, mask, torch.tensor([1, 0, 1]), old_logp=old)
+    d, _ = hotloop.linear_nft_loss(hidden, weight, labels, old, torch.tensor([1, 0, 1]), mask, group_size=3)
+    assert c.item() == d.item()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter test; on GPU the Triton path runs in the GPU suite")
+@pytest.mark.parametrize("importance", ["token", "sequence"])
+def test_triton_path_matches_cpu(monkeypatch, importance):
+    hidden, weight, bias, labels, mask, old, ref, adv = _inputs(2, 4, 16, 40, torch.float32)
+    runs = []
+    for backend in ("cpu", "triton"):
+        monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+        h, w, b = _leaves(hidden, weight, bias)
+        loss, _ = hotloop.linear_policy_loss(h, w, labels, old, adv, mask, ref_logp=ref, bias=b, kl_coef=0.1,
+                                             entropy_coef=0.05, importance=importance)
+        loss.backward()
+        runs.append((loss.detach(), h.grad, w.grad, b.grad))
+    for cpu, tri in zip(*runs):
+        assert rel_err(tri, cpu) < 1e-5
