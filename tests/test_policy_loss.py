@@ -191,7 +191,9 @@ def test_parity_verl_dual_clip(agg):
 # ---------------------------------------------------------------------------------------------------------- NFT
 def _nft_inputs(B, G, T, dev, dtype=torch.float32):
     logp, old, _, _, mask = _batch(B, T, dev, dtype=dtype, spread=0.5)
-    correct = (torch.rand(B) > 0.5).to(dev)
+    correct = torch.rand(B) > 0.5
+    correct[:2] = torch.tensor([True, False])  # both kinds present in every draw
+    correct = correct.to(dev)
     return logp, old, correct, mask
 
 

@@ -28,6 +28,16 @@ TORCH_LIBRARY(hotloop, m) {
   // -> advantages [R] float32 (float64 for float64 rewards).
   m.def("group_advantages_cpu(Tensor rewards, Tensor? group_index, int group_size, str kind, str scale, "
         "float eps) -> Tensor");
+  // Per-token contracts of the policy loss (SPEC §4) and the NFT loss (SPEC §5): policy_tokens_ref /
+  // nft_tokens_ref in python/hotloop/reference/policy_loss.py. Every tensor contiguous [N], all float32 or all
+  // float64; outputs in that dtype. kl_kind: 0 none, 1 k1, 2 k2, 3 k3 (kld given exactly when != 0);
+  // dual_clip <= 0 is off. -> g_lr [N], g_kl [N] ([0] without kl), sums [6] (loss, clip_low count, clip_high
+  // count, dual count, ratio sum, kl sum), all over tokens with m != 0.
+  m.def("policy_tokens_cpu(Tensor lr, Tensor? kld, Tensor adv, Tensor m, Tensor w, float clip_low, "
+        "float clip_high, float dual_clip, int kl_kind, float kl_coef) -> (Tensor g_lr, Tensor g_kl, Tensor sums)");
+  // r: r_q of the token's group; c: 1 correct / 0 not. -> g_lr [N], sums [3] (loss, ratio sum, clamped count).
+  m.def("nft_tokens_cpu(Tensor lr, Tensor m, Tensor w, Tensor r, Tensor c, float clamp_negative) "
+        "-> (Tensor g_lr, Tensor sums)");
 }
 
 static bool built_with_cuda() {

@@ -22,14 +22,21 @@ def _(value, inputs, grads):
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, grads = inputs
-    ctx.save_for_backward(*grads)
+    # kept on ctx, not saved: backward hands these very tensors to autograd (no copy of a [V, H] weight
+    # gradient), so they can serve one backward only
+    ctx.grads = list(inputs[2])
 
 
 def _backward(ctx, grad_out):
-    grads = ctx.saved_tensors
-    # in each gradient's dtype: a bf16 weight gradient is scaled without an fp32 copy of it
-    return None, [g * grad_out.to(g.dtype) for g in grads], [None] * len(grads)
+    grads = ctx.grads
+    if grads is None:
+        raise RuntimeError("hotloop: a fused loss's gradients were computed in its forward and are used up by "
+                           "the first backward; call the loss again for another backward (retain_graph is "
+                           "not supported)")
+    ctx.grads = None
+    for g in grads:  # in place, in each gradient's dtype: no second [V, H] buffer
+        g.mul_(grad_out.to(g.dtype))
+    return None, grads, [None] * len(grads)
 
 
 attach_grads.register_autograd(_backward, setup_context=_setup_context)
