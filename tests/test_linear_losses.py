@@ -123,7 +123,7 @@ def test_cpu_one_pass_over_many_token_blocks(monkeypatch, dtype):
         loss, _ = hotloop.linear_policy_loss(h, w, labels, old, adv, mask, bias=b, entropy_coef=0.1)
         loss.backward()
         runs.append((loss.detach(), h.grad, w.grad, b.grad))
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # float32: the loss is a cancelling sum, order-dependent
     for one, many in zip(*runs):
         assert rel_err(many.double(), one.double()) < tol
 

@@ -6,7 +6,7 @@ import hotloop
 import hotloop.cpu.linear_token_stats as cpu_impl
 from hotloop.reference import linear_token_stats_ref
 
-from helpers import HAS_TRITON, device_for, interpreted, random_labels, rel_err
+from helpers import HAS_CUDA, HAS_TRITON, device_for, interpreted, random_labels, rel_err
 
 BACKENDS = [
     pytest.param("reference", id="reference"),
@@ -175,9 +175,9 @@ def test_opcheck():
     h, w, b = torch.randn(5, 12, requires_grad=True), torch.randn(33, 12, requires_grad=True), torch.randn(33)
     labels = torch.randint(0, 33, (5,))
     torch.library.opcheck(torch.ops.hotloop.linear_token_stats_fwd.default,
-                          (h, w, b, labels, 0.9, -100, True, False, "cpu"))
+                          (h, w, b, labels, 0.9, -100, True, False, 0.0, "cpu"))
     torch.library.opcheck(torch.ops.hotloop.linear_token_stats_fwd.default,
-                          (h, w, None, labels, 1.0, -100, False, True, "cpu"))
+                          (h, w, None, labels, 1.0, -100, False, True, 0.0, "cpu"))
 
 
 @pytest.mark.parametrize("make, error, match", [
@@ -203,3 +203,40 @@ def test_bad_arguments(make, error, match):
     hidden, weight, bias, labels = make()
     with pytest.raises(error, match=match):
         hotloop.linear_token_stats(hidden, weight, labels, bias=bias)
+
+
+def _peaked(N, H, V, dtype):
+    """LM-like inputs: hidden states aligned with their label's weight row and a Zipf bias, so the softmax is
+    peaked (p(label) ~ 0.3, entropy ~ 2.7 nats) and most of its gradient is tiny."""
+    w = torch.randn(V, H, dtype=torch.float64) / H ** 0.5
+    labels = torch.randint(0, V, (N,))
+    h = torch.randn(N, H, dtype=torch.float64) * 0.5 + 14 * w[labels] / w[labels].norm(dim=1, keepdim=True)
+    b = -1.5 * torch.log(torch.arange(1, V + 1, dtype=torch.float64))
+    return h.to(dtype), w.to(dtype), b.to(dtype), labels
+
+
+def _grads(h, w, b, labels, **kw):
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    st = hotloop.linear_token_stats(h, w, labels, bias=b, **kw)
+    (st.logprobs.sum() + st.entropy.sum()).backward()
+    return h.grad.double(), w.grad.double()
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.skipif(
+    HAS_CUDA, reason="interpreter test"))])
+def test_grad_filter_is_a_bounded_approximation(monkeypatch, backend):
+    monkeypatch.setenv("HOTLOOP_BACKEND", backend)
+    N, H, V = (16, 32, 300) if backend == "triton" else (256, 64, 4000)
+    h, w, b, labels = _peaked(N, H, V, torch.float32)
+    exact = _grads(h, w, b, labels)
+    small = _grads(h, w, b, labels, grad_filter_eps=2.0 ** -16)
+    large = _grads(h, w, b, labels, grad_filter_eps=0.5)
+    for e, s, big in zip(exact, small, large):
+        assert rel_err(s, e) < 1e-2          # what the README documents for eps up to 2^-12 on such inputs
+        assert rel_err(big, e) > rel_err(s, e)  # the filter does act: a huge eps drops real gradient
+
+
+def test_grad_filter_eps_must_be_positive():
+    h, w, b, labels = _peaked(4, 8, 20, torch.float32)
+    with pytest.raises(ValueError, match="`grad_filter_eps` must be a finite number > 0"):
+        hotloop.linear_token_stats(h, w, labels, grad_filter_eps=-1.0)

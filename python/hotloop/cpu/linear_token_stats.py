@@ -133,8 +133,9 @@ def linear_token_stats_bwd_cpu(grad_logprobs: Tensor | None, grad_entropy: Tenso
                                grad_self_certainty: Tensor | None, hidden: Tensor, weight: Tensor,
                                bias: Tensor | None, labels: Tensor, lse: Tensor, entropy: Tensor | None,
                                temperature: float, ignore_index: int, need_hidden: bool, need_weight: bool,
-                               need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (d_hidden [N, H] | [0], d_weight [V, H] | [0], d_bias [V] | [0]) in the inputs' dtypes."""
+                               need_bias: bool, filter_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (d_hidden [N, H] | [0], d_weight [V, H] | [0], d_bias [V] | [0]) in the inputs' dtypes.
+    filter_eps > 0: gradient filtering (see _live_columns)."""
     idx = _kept_rows(labels, ignore_index)
     if idx is not None and idx.numel() == 0:  # every row ignored: no gradient anywhere
         return (torch.zeros_like(hidden) if need_hidden else hidden.new_empty(0),
@@ -142,16 +143,28 @@ def linear_token_stats_bwd_cpu(grad_logprobs: Tensor | None, grad_entropy: Tenso
                 torch.zeros_like(bias) if need_bias else hidden.new_empty(0))
     if idx is None:
         return _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias, labels, lse, entropy,
-                    temperature, ignore_index, need_hidden, need_weight, need_bias)
+                    temperature, ignore_index, need_hidden, need_weight, need_bias, filter_eps)
     d_h, d_w, d_b = _bwd(_take_rows(grad_logprobs, idx), _take_rows(grad_entropy, idx),
                          _take_rows(grad_self_certainty, idx), hidden.index_select(0, idx), weight, bias,
                          labels.index_select(0, idx), lse.index_select(0, idx), _take_rows(entropy, idx),
-                         temperature, ignore_index, need_hidden, need_weight, need_bias)
+                         temperature, ignore_index, need_hidden, need_weight, need_bias, filter_eps)
     return (_scatter_rows(d_h, idx, hidden.shape[0]) if need_hidden else d_h), d_w, d_b
 
 
+def _live_columns(g: Tensor, filter_eps: float) -> Tensor | None:
+    """Gradient filtering (cut-cross-entropy's trick, an approximation): the columns of a logits-gradient block
+    with any entry of magnitude >= filter_eps (or NaN); None = all of them, so the block runs unfiltered.
+    Dropping a column drops its tokens' contributions to d_hidden and its d_weight row (left 0)."""
+    if filter_eps <= 0:
+        return None
+    mag = g.abs().amax(0)
+    live = ((mag >= filter_eps) | mag.isnan()).nonzero().squeeze(1)
+    # gathering the live columns is a copy: worth it only when it removes a good part of the matmuls
+    return None if live.numel() > 0.75 * g.shape[1] else live
+
+
 def _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias, labels, lse, entropy, temperature,
-         ignore_index, need_hidden, need_weight, need_bias):
+         ignore_index, need_hidden, need_weight, need_bias, filter_eps=0.0):
     N, H = hidden.shape
     V = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -178,6 +191,14 @@ def _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias,
                 g3, _rows(grad_logprobs, i0, i1), _rows(grad_entropy, i0, i1), _rows(grad_self_certainty, i0, i1),
                 g3, labels[i0:i1].unsqueeze(0), lse[i0:i1].unsqueeze(0), _rows(entropy, i0, i1), temperature,
                 ignore_index, v0, V)
+            if need_bias:
+                d_b[v0:v1] += g.sum(0, dtype=acc)
+            live = _live_columns(g, filter_eps)
+            if live is not None:
+                _filtered_block(g, live, h_c, w_blk, d_h[i0:i1] if need_hidden else None,
+                                (d_w[v0:v1] if d_w_block is None else d_w_block[: v1 - v0]) if need_weight else None,
+                                accumulate=d_w_block is not None)
+                continue
             if need_hidden:  # a partial over this block's columns, summed in float32
                 if d_h.dtype == g.dtype:
                     d_h[i0:i1].addmm_(g, w_blk)
@@ -190,9 +211,22 @@ def _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias,
                     d_w_block[: v1 - v0].addmm_(g.t(), h_c)
                 else:
                     d_w_block[: v1 - v0] += torch.mm(g.t(), h_c)
-            if need_bias:
-                d_b[v0:v1] += g.sum(0, dtype=acc)
         if d_w_block is not None:
             d_w[v0:v1] = d_w_block[: v1 - v0]
     return (d_h.to(hidden.dtype) if need_hidden else d_h, d_w,
             d_b.to(bias.dtype) if need_bias else d_b)
+
+
+def _filtered_block(g: Tensor, live: Tensor, h_c: Tensor, w_blk: Tensor, d_h: Tensor | None, d_w: Tensor | None,
+                    accumulate: bool) -> None:
+    """The block's d_hidden / d_weight contributions from its live columns only."""
+    g_live = g.index_select(1, live)
+    if d_h is not None:
+        d_h += torch.mm(g_live, w_blk.index_select(0, live)).to(d_h.dtype)
+    if d_w is not None:
+        rows = torch.mm(g_live.t(), h_c).to(d_w.dtype)
+        if accumulate:
+            d_w.index_add_(0, live, rows)
+        else:
+            d_w.zero_()
+            d_w.index_copy_(0, live, rows)

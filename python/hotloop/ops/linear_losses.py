@@ -76,7 +76,7 @@ def _two_pass(h2, w, b, labels, temperature, terms, entropy_coef, need, backend)
     """Forward of the fused linear log-prob kernels, the loss kernel, then their backward with its gradient."""
     lp, ent, _, lse = torch.ops.hotloop.linear_token_stats_fwd(h2.detach(), w.detach(),
                                                                None if b is None else b.detach(), labels,
-                                                               temperature, IGNORE, True, False, backend)
+                                                               temperature, IGNORE, True, False, 0.0, backend)
     on = terms.m != 0
     ent = torch.where(on, ent, 0.0)  # dropped rows: their entropy is not part of any sum
     g_lp, sums = terms.grads(torch.where(on, lp, 0.0))
@@ -84,7 +84,7 @@ def _two_pass(h2, w, b, labels, temperature, terms, entropy_coef, need, backend)
     g_ent = -entropy_coef * terms.w if entropy_coef != 0.0 else None
     d_h, d_w, d_b = torch.ops.hotloop.linear_token_stats_bwd(
         g_lp, g_ent, None, h2.detach(), w.detach(), None if b is None else b.detach(), labels, lse, ent,
-        temperature, IGNORE, need[0], need[1], need[2] and b is not None, backend)
+        temperature, IGNORE, need[0], need[1], need[2] and b is not None, 0.0, backend)
     return loss, sums, (terms.m * ent).sum(), d_h, d_w, d_b
 
 

@@ -49,9 +49,10 @@ def _out_dtype(hidden: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("hotloop::linear_token_stats_fwd", mutates_args=())
 def linear_token_stats_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
-                           ignore_index: int, entropy: bool, self_certainty: bool, backend: str
-                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (logprobs [N], entropy [N] | [0], self_certainty [N] | [0], lse [N]); lse is kept for the backward."""
+                           ignore_index: int, entropy: bool, self_certainty: bool, grad_filter_eps: float,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (logprobs [N], entropy [N] | [0], self_certainty [N] | [0], lse [N]); lse is kept for the backward,
+    grad_filter_eps is the backward's (see linear_token_stats)."""
     if hidden.shape[0] == 0:
         dt = _out_dtype(hidden)
         e = hidden.new_empty(0, dtype=dt)
@@ -60,7 +61,7 @@ def linear_token_stats_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, 
 
 
 @linear_token_stats_fwd.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty, backend):
+def _(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty, grad_filter_eps, backend):
     N, dt = hidden.shape[0], _out_dtype(hidden)
     return (hidden.new_empty(N, dtype=dt), hidden.new_empty(N if entropy else 0, dtype=dt),
             hidden.new_empty(N if self_certainty else 0, dtype=dt), hidden.new_empty(N, dtype=dt))
@@ -70,8 +71,8 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_cer
 def linear_token_stats_bwd(grad_logprobs: Tensor | None, grad_entropy: Tensor | None,
                            grad_self_certainty: Tensor | None, hidden: Tensor, weight: Tensor, bias: Tensor | None,
                            labels: Tensor, lse: Tensor, entropy: Tensor | None, temperature: float, ignore_index: int,
-                           need_hidden: bool, need_weight: bool, need_bias: bool, backend: str
-                           ) -> tuple[Tensor, Tensor, Tensor]:
+                           need_hidden: bool, need_weight: bool, need_bias: bool, grad_filter_eps: float,
+                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """-> (d_hidden [N, H] | [0], d_weight [V, H] | [0], d_bias [V] | [0])."""
     if hidden.shape[0] == 0:
         d_w = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
@@ -80,32 +81,33 @@ def linear_token_stats_bwd(grad_logprobs: Tensor | None, grad_entropy: Tensor | 
     dt = _out_dtype(hidden)
     grads = [None if g is None else g.to(dt).contiguous() for g in (grad_logprobs, grad_entropy, grad_self_certainty)]
     return _bwd_impl(backend)(*grads, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index,
-                              need_hidden, need_weight, need_bias)
+                              need_hidden, need_weight, need_bias, filter_eps=grad_filter_eps)
 
 
 @linear_token_stats_bwd.register_fake
 def _(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias, labels, lse, entropy, temperature,
-      ignore_index, need_hidden, need_weight, need_bias, backend):
+      ignore_index, need_hidden, need_weight, need_bias, grad_filter_eps, backend):
     return (hidden.new_empty(hidden.shape if need_hidden else 0), weight.new_empty(weight.shape if need_weight else 0),
             hidden.new_empty(bias.shape if need_bias else 0, dtype=bias.dtype if need_bias else hidden.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty, backend = inputs
+    hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty, filter_eps, backend = inputs
     _, ent, _, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if entropy else None)
-    ctx.cfg = (temperature, ignore_index, entropy, self_certainty, backend)
+    ctx.cfg = (temperature, ignore_index, entropy, self_certainty, filter_eps, backend)
 
 
 def _backward(ctx, g_logprobs, g_entropy, g_self_certainty, g_lse):
     hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-    temperature, ignore_index, entropy, self_certainty, backend = ctx.cfg
+    temperature, ignore_index, entropy, self_certainty, filter_eps, backend = ctx.cfg
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     d_h, d_w, d_b = torch.ops.hotloop.linear_token_stats_bwd(
         g_logprobs, g_entropy if entropy else None, g_self_certainty if self_certainty else None, hidden, weight,
-        bias, labels, lse, ent, temperature, ignore_index, need_h, need_w, need_b and bias is not None, backend)
+        bias, labels, lse, ent, temperature, ignore_index, need_h, need_w, need_b and bias is not None, filter_eps,
+        backend)
     return (d_h if need_h else None, d_w if need_w else None, d_b if (need_b and bias is not None) else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 linear_token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -138,7 +140,7 @@ def check_linear_args(hidden: Tensor, weight: Tensor, bias: Tensor | None, label
 
 def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                        temperature: float = 1.0, ignore_index: int = -100, entropy: bool = True,
-                       self_certainty: bool = False) -> TokenStats:
+                       self_certainty: bool = False, grad_filter_eps: float = 0.0) -> TokenStats:
     """token_stats of the logits hidden @ weight.T (+ bias), without ever holding those [N, V] logits.
 
     Args:
@@ -147,6 +149,11 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
         labels: [...] int32 / int64, hidden's leading shape; `ignore_index` marks positions to skip.
         bias: optional [V] lm_head bias, hidden's dtype.
         temperature, ignore_index, entropy, self_certainty: as in `hotloop.token_stats`.
+        grad_filter_eps: 0 (default) = exact backward. > 0: cut-cross-entropy's gradient filtering, an
+            approximation: blocks of the logits' gradient whose entries are all below it in magnitude skip
+            the d_hidden / d_weight matmuls (CPU: vocabulary columns over a block of tokens; Triton: tiles).
+            Pays off when the softmax is peaked (trained models), not on flat ones; the error it adds is measured
+            in the tests and documented in the README.
 
     Returns:
         TokenStats(logprobs, entropy, self_certainty), each [...] float32 (float64 for float64 input) or None.
@@ -156,6 +163,8 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
     check_linear_args(hidden, weight, bias, labels)
     temperature = check_positive(_OP, "temperature", temperature)
     ignore_index = check_index(_OP, "ignore_index", ignore_index)
+    if grad_filter_eps != 0.0:
+        grad_filter_eps = check_positive(_OP, "grad_filter_eps", grad_filter_eps)
     backend = resolve_backend(_OP, hidden.device, _BACKENDS)
     if labels_checked_on_host(labels.device):
         check_label_range(_OP, labels, weight.shape[0], ignore_index)
@@ -168,7 +177,7 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
         h2 = h2.contiguous()
     lp, ent, sc, _ = torch.ops.hotloop.linear_token_stats_fwd(
         h2, weight.contiguous(), None if bias is None else bias.contiguous(), labels.reshape(-1).contiguous(),
-        temperature, ignore_index, entropy, self_certainty, backend)
+        temperature, ignore_index, entropy, self_certainty, float(grad_filter_eps), backend)
     return TokenStats(lp.view(shape), ent.view(shape) if entropy else None,
                       sc.view(shape) if self_certainty else None)
 
