@@ -200,3 +200,28 @@ def test_triton_path_matches_cpu(monkeypatch, importance):
         runs.append((loss.detach(), h.grad, w.grad, b.grad))
     for cpu, tri in zip(*runs):
         assert rel_err(tri, cpu) < 1e-5
+
+
+@pytest.mark.parametrize("importance", ["token", "sequence"])  # the one-pass and the two-pass CPU paths
+def test_grad_filter_in_the_fused_loss(importance):
+    """LM-like peaked softmax (hidden states aligned with their label's row, Zipf bias): a small filter changes
+    the gradients by little, a huge one by a lot (so it does act)."""
+    B, T, H, V = 4, 32, 64, 3000
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    w = torch.randn(V, H, generator=g) / H ** 0.5
+    labels = torch.randint(0, V, (B, T), generator=g)
+    h = torch.randn(B, T, H, generator=g) * 0.5 + 14 * w[labels] / w[labels].norm(dim=-1, keepdim=True)
+    bias = -1.5 * torch.log(torch.arange(1, V + 1, dtype=torch.float32))
+    mask, adv = torch.ones(B, T, dtype=torch.bool), torch.randn(B, generator=g)
+
+    def grads(eps):
+        hh, ww = _leaves(h, w)
+        loss, _ = hotloop.linear_policy_loss(hh, ww, labels, None, adv, mask, bias=bias, importance=importance,
+                                             entropy_coef=0.01, grad_filter_eps=eps)
+        loss.backward()
+        return hh.grad, ww.grad
+
+    exact, small, large = grads(0.0), grads(2.0 ** -16), grads(0.5)
+    for e, s, big in zip(exact, small, large):
+        assert rel_err(s, e) < 1e-2
+        assert rel_err(big, e) > rel_err(s, e)

@@ -24,7 +24,8 @@ two kernels with a logits recompute each; atomics cost 1 recompute (3 GEMMs of w
 Counts: 1 logits recompute per tile; atomic elements = N H cdiv(V, BLOCK_N) + V H cdiv(N, BLOCK_M) (+ V cdiv(N,
 BLOCK_M) for the bias), i.e. N V H (1 / BLOCK_N + 1 / BLOCK_M). The float summation order of the atomics is not
 deterministic run to run. Row blocks with no live row skip all work; with `filter_eps > 0` a tile whose
-max |dz| < filter_eps skips its H loop (cut-cross-entropy's gradient filtering: an approximation, off by default).
+no live row reaches softmax probability filter_eps (nor holds its label) skips its H loop (cut-cross-entropy's
+gradient filtering: an approximation, off by default).
 
 Rows whose label is ignore_index give 0 outputs and contribute no gradient (their hidden rows are not even read);
 labels outside [0, V) give NaN outputs and a NaN dz row (so NaN in that d_hidden row, d_weight and d_bias), never
@@ -246,7 +247,8 @@ def _linear_token_stats_bwd_kernel(
     # which tiles do any work: a block with a valid row (live or NaN-filled), and with FILTER a large enough dz
     keep = tl.max(valid.to(tl.int32), axis=0) > 0
     if FILTER:
-        big = (tl.abs(dz) >= filter_eps) | (dz != dz)
+        # softmax probability >= filter_eps, the label, or NaN (a bad row must still spread its NaN)
+        big = live[:, None] & ((p >= filter_eps) | (cols[None, :] == label[:, None])) | (dz != dz)
         keep = keep & (tl.max(tl.max(big.to(tl.int32), axis=1), axis=0) > 0)
 
     if NEED_B:
@@ -403,7 +405,7 @@ def linear_token_stats_bwd_triton(grad_logprobs: Tensor | None, grad_entropy: Te
                                   block_k: int | None = None, filter_eps: float = 0.0
                                   ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (d_hidden [N, H] in hidden's dtype, d_weight [V, H] in weight's dtype, d_bias [V] in bias' dtype);
-    each an empty [0] tensor when not needed. `filter_eps > 0` skips tiles with max |dz| < filter_eps."""
+    each an empty [0] tensor when not needed. `filter_eps > 0` skips tiles where every p < filter_eps."""
     _check_inputs(hidden, weight, bias, labels)
     N, H = hidden.shape
     V = weight.shape[0]

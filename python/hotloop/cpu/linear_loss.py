@@ -18,16 +18,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop.cpu.linear_token_stats import CHUNK_BYTES, _matmul_into
+from hotloop.cpu.linear_token_stats import CHUNK_BYTES, _live_columns, _matmul_into
 
 IGNORE = -100
 
 
 def fused_linear_loss_cpu(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
-                          terms, entropy_coef: float, need_hidden: bool, need_weight: bool, need_bias: bool
-                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                          terms, entropy_coef: float, need_hidden: bool, need_weight: bool, need_bias: bool,
+                          grad_filter_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """hidden [N, H], labels [N] (IGNORE where the mask is 0) -> (loss [], sums, entropy sum under the mask [],
-    d_hidden [N, H] | [0], d_weight [V, H] | [0], d_bias [V] | [0])."""
+    d_hidden [N, H] | [0], d_weight [V, H] | [0], d_bias [V] | [0]). grad_filter_eps > 0: vocabulary columns where no
+    token of the block has softmax probability >= it (nor its label) skip the gradient matmuls (approximation)."""
     N, H = hidden.shape
     V = weight.shape[0]
     acc = terms.dt
@@ -55,14 +56,19 @@ def fused_linear_loss_cpu(hidden: Tensor, weight: Tensor, bias: Tensor | None, l
         ent_sum = ent_sum + (terms.m.index_select(0, pos) * ent).sum()
         sums = s if sums is None else sums + s
         g_ent = (-entropy_coef * w_blk).unsqueeze(0) if entropy_coef != 0.0 else None
+        live = _live_columns(z, lse.reshape(-1), lab, 0, temperature, grad_filter_eps)
         torch.ops.hotloop.token_stats_bwd_cpu(z3, g_lp.unsqueeze(0), g_ent, None, z3, lab.unsqueeze(0), lse,
                                               ent.unsqueeze(0), temperature, IGNORE)
-        if need_hidden:
-            d_h.index_copy_(0, pos, torch.mm(z, weight))
-        if need_weight:
-            d_w.addmm_(z.t(), h_blk)
         if need_bias:
             d_b += z.sum(0, dtype=acc)
+        g_blk, w_blk = (z, weight) if live is None else (z.index_select(1, live), weight.index_select(0, live))
+        if need_hidden:
+            d_h.index_copy_(0, pos, torch.mm(g_blk, w_blk))
+        if need_weight:
+            if live is None:
+                d_w.addmm_(z.t(), h_blk)
+            else:
+                d_w.index_add_(0, live, torch.mm(g_blk.t(), h_blk))
     if sums is None:  # every token masked out
         sums = hidden.new_zeros(terms.num_sums, dtype=acc)
     return (loss, sums, ent_sum, d_h, d_w, d_b.to(bias.dtype) if need_bias else d_b)

@@ -151,16 +151,22 @@ def linear_token_stats_bwd_cpu(grad_logprobs: Tensor | None, grad_entropy: Tenso
     return (_scatter_rows(d_h, idx, hidden.shape[0]) if need_hidden else d_h), d_w, d_b
 
 
-def _live_columns(g: Tensor, filter_eps: float) -> Tensor | None:
-    """Gradient filtering (cut-cross-entropy's trick, an approximation): the columns of a logits-gradient block
-    with any entry of magnitude >= filter_eps (or NaN); None = all of them, so the block runs unfiltered.
-    Dropping a column drops its tokens' contributions to d_hidden and its d_weight row (left 0)."""
-    if filter_eps <= 0:
+def _live_columns(z: Tensor, lse: Tensor, labels: Tensor, v0: int, temperature: float, filter_eps: float
+                  ) -> Tensor | None:
+    """Gradient filtering (cut-cross-entropy's trick, an approximation), decided on a block of logits z [rows,
+    cols] (vocabulary columns v0..) before its gradient overwrites it: the columns where some token's softmax
+    probability reaches filter_eps, or that hold some token's label. None = keep every column (no filtering,
+    also whenever a row's statistics are NaN). A dropped column loses its d_hidden terms and its d_weight row
+    (left 0); they are each below filter_eps times the token's incoming gradient scale."""
+    if filter_eps <= 0 or bool(lse.isnan().any()):
         return None
-    mag = g.abs().amax(0)
-    live = ((mag >= filter_eps) | mag.isnan()).nonzero().squeeze(1)
+    threshold = temperature * (lse + math.log(filter_eps))  # z >= threshold  <=>  p >= filter_eps
+    live = torch.ge(z, threshold[:, None]).any(0)
+    local = labels - v0
+    live[local[(local >= 0) & (local < z.shape[1])]] = True
+    idx = live.nonzero().squeeze(1)
     # gathering the live columns is a copy: worth it only when it removes a good part of the matmuls
-    return None if live.numel() > 0.75 * g.shape[1] else live
+    return None if idx.numel() > 0.75 * z.shape[1] else idx
 
 
 def _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias, labels, lse, entropy, temperature,
@@ -187,13 +193,13 @@ def _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias,
             h_c = hidden[i0:i1]
             g = _matmul_into(buf[: (i1 - i0) * (v1 - v0)].view(i1 - i0, v1 - v0), h_c, w_blk.t(), b_blk)
             g3 = g.unsqueeze(0)
+            live = _live_columns(g, lse[i0:i1], labels[i0:i1], v0, temperature, filter_eps)
             torch.ops.hotloop.token_stats_bwd_cpu(
                 g3, _rows(grad_logprobs, i0, i1), _rows(grad_entropy, i0, i1), _rows(grad_self_certainty, i0, i1),
                 g3, labels[i0:i1].unsqueeze(0), lse[i0:i1].unsqueeze(0), _rows(entropy, i0, i1), temperature,
                 ignore_index, v0, V)
             if need_bias:
                 d_b[v0:v1] += g.sum(0, dtype=acc)
-            live = _live_columns(g, filter_eps)
             if live is not None:
                 _filtered_block(g, live, h_c, w_blk, d_h[i0:i1] if need_hidden else None,
                                 (d_w[v0:v1] if d_w_block is None else d_w_block[: v1 - v0]) if need_weight else None,

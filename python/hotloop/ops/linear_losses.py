@@ -30,11 +30,12 @@ IGNORE = -100
 
 
 def _fused(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, mask: Tensor,
-           temperature: float, entropy_coef: float, make_terms, ref_loss) -> tuple[Tensor, dict[str, Tensor]]:
+           temperature: float, entropy_coef: float, grad_filter_eps: float, make_terms, ref_loss) -> tuple[Tensor, dict[str, Tensor]]:
     """Shared driver: make_terms(logp_like, backend) builds the loss's PolicyTerms / NFTTerms; ref_loss(logp,
     entropy) is the composition used by the reference backend."""
     temperature = check_positive(op, "temperature", temperature)
     entropy_coef = check_real(op, "entropy_coef", entropy_coef)
+    grad_filter_eps = check_real(op, "grad_filter_eps", grad_filter_eps, low=0.0)
     backend = resolve_backend(op, hidden.device, _BACKENDS)
     H = hidden.shape[-1]
     labels_eff = torch.where(mask != 0, labels, IGNORE)  # masked positions may hold anything (padding ids)
@@ -60,10 +61,10 @@ def _fused(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels:
 
             loss, sums, ent_sum, d_h, d_w, d_b = fused_linear_loss_cpu(
                 h2.detach(), w.detach(), None if b is None else b.detach(), labels_eff, temperature, terms,
-                entropy_coef, *need)
+                entropy_coef, *need, grad_filter_eps)
         else:
             loss, sums, ent_sum, d_h, d_w, d_b = _two_pass(h2, w, b, labels_eff, temperature, terms, entropy_coef,
-                                                           need, backend)
+                                                           need, grad_filter_eps, backend)
     loss = loss_with_grads(loss.to(like.dtype), [(hidden, d_h.view(hidden.shape) if need[0] else d_h),
                                                  (weight, d_w), (bias, d_b)])
     metrics = terms.metrics(sums)
@@ -72,7 +73,7 @@ def _fused(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels:
     return loss, metrics
 
 
-def _two_pass(h2, w, b, labels, temperature, terms, entropy_coef, need, backend):
+def _two_pass(h2, w, b, labels, temperature, terms, entropy_coef, need, grad_filter_eps, backend):
     """Forward of the fused linear log-prob kernels, the loss kernel, then their backward with its gradient."""
     lp, ent, _, lse = torch.ops.hotloop.linear_token_stats_fwd(h2.detach(), w.detach(),
                                                                None if b is None else b.detach(), labels,
@@ -84,7 +85,7 @@ def _two_pass(h2, w, b, labels, temperature, terms, entropy_coef, need, backend)
     g_ent = -entropy_coef * terms.w if entropy_coef != 0.0 else None
     d_h, d_w, d_b = torch.ops.hotloop.linear_token_stats_bwd(
         g_lp, g_ent, None, h2.detach(), w.detach(), None if b is None else b.detach(), labels, lse, ent,
-        temperature, IGNORE, need[0], need[1], need[2] and b is not None, 0.0, backend)
+        temperature, IGNORE, need[0], need[1], need[2] and b is not None, grad_filter_eps, backend)
     return loss, sums, (terms.m * ent).sum(), d_h, d_w, d_b
 
 
@@ -93,7 +94,8 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
                        entropy_coef: float = 0.0, temperature: float = 1.0, kl: str = "k3", kl_coef: float = 0.0,
                        clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = None,
                        importance: str = "token", agg: str = "token-mean", max_length: int | None = None,
-                       cu_seqlens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                       cu_seqlens: Tensor | None = None, grad_filter_eps: float = 0.0
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
     """hotloop.policy_loss on log-probs computed inside from hidden @ weight.T (+ bias), / temperature.
 
     Args:
@@ -104,6 +106,7 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
             max_length, cu_seqlens: as in `hotloop.policy_loss` (log-probs shaped like labels).
         entropy_coef: weight of an entropy bonus: loss -= entropy_coef * aggregated entropy (0 = none).
         temperature: the sampling temperature the logits are divided by (TRL / verl do the same).
+        grad_filter_eps: 0 = exact (default); > 0 = gradient filtering as in `hotloop.linear_token_stats`.
 
     Returns:
         (loss [] float32, metrics): gradients flow to hidden, weight and bias; metrics as `policy_loss` plus
@@ -125,19 +128,20 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
                                         dual_clip, importance, agg, max_length, cu_seqlens)
         return with_entropy_bonus(loss, metrics, ent, mask, entropy_coef, agg, max_length, cu_seqlens)
 
-    return _fused("linear_policy_loss", hidden, weight, bias, labels, mask, temperature, entropy_coef, make_terms,
-                  ref_loss)
+    return _fused("linear_policy_loss", hidden, weight, bias, labels, mask, temperature, entropy_coef,
+                  grad_filter_eps, make_terms, ref_loss)
 
 
 def linear_nft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Tensor | None, correct: Tensor,
                     mask: Tensor, *, bias: Tensor | None = None, group_size: int | None = None,
                     group_index: Tensor | None = None, entropy_coef: float = 0.0, temperature: float = 1.0,
                     clamp_negative: float = 1.0, normalize: int = 1, neg_weight: float = 1.0, ratio: str = "token",
-                    agg: str = "token-mean", max_length: int | None = None, cu_seqlens: Tensor | None = None
-                    ) -> tuple[Tensor, dict[str, Tensor]]:
+                    agg: str = "token-mean", max_length: int | None = None, cu_seqlens: Tensor | None = None,
+                    grad_filter_eps: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """hotloop.nft_loss on log-probs computed inside from hidden @ weight.T (+ bias), / temperature.
 
-    Shapes and arguments as `linear_policy_loss` (hidden, weight, bias, labels, entropy_coef, temperature) and
+    Shapes and arguments as `linear_policy_loss` (hidden, weight, bias, labels, entropy_coef, temperature,
+    grad_filter_eps) and
     `hotloop.nft_loss` (old_logp, correct, mask, group_size / group_index, clamp_negative, normalize, neg_weight,
     ratio, agg, max_length, cu_seqlens). Returns (loss [] float32, metrics of nft_loss + entropy_mean).
     """
@@ -157,8 +161,8 @@ def linear_nft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
                                      normalize, neg_weight, ratio, agg, max_length, cu_seqlens)
         return with_entropy_bonus(loss, metrics, ent, mask, entropy_coef, agg, max_length, cu_seqlens)
 
-    return _fused("linear_nft_loss", hidden, weight, bias, labels, mask, temperature, entropy_coef, make_terms,
-                  ref_loss)
+    return _fused("linear_nft_loss", hidden, weight, bias, labels, mask, temperature, entropy_coef, grad_filter_eps,
+                  make_terms, ref_loss)
 
 
 def _like(labels: Tensor) -> Tensor:

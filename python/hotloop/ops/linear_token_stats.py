@@ -150,8 +150,9 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
         bias: optional [V] lm_head bias, hidden's dtype.
         temperature, ignore_index, entropy, self_certainty: as in `hotloop.token_stats`.
         grad_filter_eps: 0 (default) = exact backward. > 0: cut-cross-entropy's gradient filtering, an
-            approximation: blocks of the logits' gradient whose entries are all below it in magnitude skip
-            the d_hidden / d_weight matmuls (CPU: vocabulary columns over a block of tokens; Triton: tiles).
+            approximation: vocabulary entries whose softmax probability is below it for every token of a block
+            (and that are no token's label) skip the d_hidden / d_weight matmuls (CPU: columns over a block of
+            tokens; Triton: tiles). Each dropped term is below eps times the token's incoming gradient.
             Pays off when the softmax is peaked (trained models), not on flat ones; the error it adds is measured
             in the tests and documented in the README.
 
