@@ -34,16 +34,16 @@ def _batch(B, T, dev, dtype=torch.float32, seed=None, spread=0.3, empty_row=Fals
     return [t.to(dtype).to(dev) if t.is_floating_point() else t.to(dev) for t in (logp, old, ref, adv)] + [mask.to(dev)]
 
 
-def _compare(got, want, tol, cancelling=False):
-    """cancelling: the loss is a mean of O(1) terms of both signs (NFT), so it is checked to tol absolutely."""
+def _compare(got, want, tol):
+    """The loss is a mean of O(1) per-token terms of both signs (advantages, NFT's two sides) that may cancel:
+    it is checked to tol relative to max(1, |loss|); the gradients, elementwise, to tol relative."""
     (gl, gm), (wl, wm) = got, want
-    if cancelling:
-        assert abs(gl.item() - wl.item()) < tol
-    else:
-        assert rel_err(gl.detach(), wl.detach()) < tol
+    assert abs(gl.item() - wl.item()) < tol * max(1.0, abs(wl.item()))
     for name in wm:
-        # k3 = exp(-d) + d - 1 cancels in float32 for small d: its mean is good to ~eps / d
-        assert rel_err(gm[name], wm[name]) < (tol * 10 if name == "kl_mean" else tol), name
+        if name == "kl_mean":  # k3 = exp(-d) + d - 1 cancels in float32 for small d: absolute error ~ 1e-7
+            assert abs(gm[name].item() - wm[name].item()) < 1e-6 + tol * abs(wm[name].item()), name
+        else:
+            assert rel_err(gm[name], wm[name]) < tol, name
 
 
 @pytest.mark.parametrize("agg", AGGS)
@@ -95,7 +95,7 @@ def test_policy_loss_packed_equals_padded(backend):
                                     max_length=T)
         b, bp = hotloop.policy_loss(xp, pack(old), adv, torch.ones_like(xp, dtype=torch.bool), ref_logp=pack(ref),
                                     kl_coef=0.1, agg=agg, importance=imp, max_length=T, cu_seqlens=cu)
-        assert rel_err(b.detach(), a.detach()) < 1e-6
+        assert rel_err(b.detach(), a.detach()) < 1e-5  # fp32 loss sums in another order
         assert rel_err(torch.autograd.grad(b, xp)[0], pack(torch.autograd.grad(a, x)[0])) < 1e-6
         for k in ap:
             assert rel_err(bp[k], ap[k]) < 1e-6, k
@@ -168,7 +168,7 @@ def _verl_loss(logp, old, adv, mask, clip_low, clip_high, clip_c, agg):
                                            ("dr_grpo", "dr_grpo")])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_parity_trl(loss_type, agg, level):
-    logp, old, ref, adv, mask = _batch(6, 20, "cpu", dtype=torch.float64, spread=0.4)
+    logp, old, ref, adv, mask = _batch(6, 20, "cpu", dtype=torch.float64, spread=0.4, empty_row=True)
     x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
     ours, _ = hotloop.policy_loss(x, old, adv, mask, ref_logp=ref, kl_coef=0.04, clip_high=0.28, agg=agg,
                                   importance=level, max_length=24)
@@ -180,12 +180,13 @@ def test_parity_trl(loss_type, agg, level):
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 def test_parity_verl_dual_clip(agg):
     logp, old, _, adv, mask = _batch(6, 20, "cpu", dtype=torch.float64, spread=1.0)
+    adv[0], old[0, 0] = -1.0, logp[0, 0] - 2.0  # at least one token in the dual-clip region (A < 0, ratio e^2)
     x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
     ours, metrics = hotloop.policy_loss(x, old, adv, mask, dual_clip=3.0, agg=agg)
     verl = _verl_loss(y, old, adv, mask, 0.2, 0.2, 3.0, agg)
     assert rel_err(ours.detach(), verl.detach()) < 1e-12
     assert rel_err(torch.autograd.grad(ours, x)[0], torch.autograd.grad(verl, y)[0]) < 1e-12
-    assert metrics["clip_frac_dual"] > 0  # the spread makes some ratios large enough
+    assert metrics["clip_frac_dual"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------- NFT
@@ -209,7 +210,7 @@ def test_nft_matches_float64(backend, normalize, ratio, clamp_negative):
     got = hotloop.nft_loss(x, old, correct, mask, group_size=2, **opts)
     want = nft_loss_ref(x64, old.double().cpu(), correct.cpu(), mask.cpu(), 2, None, clamp_negative, normalize, 0.7,
                         ratio, "token-mean", None, None)
-    _compare(got, want, 1e-5, cancelling=True)
+    _compare(got, want, 1e-5)
     assert rel_err(torch.autograd.grad(got[0], x)[0], torch.autograd.grad(want[0], x64)[0]) < 1e-5
 
 
@@ -223,7 +224,7 @@ def test_nft_ragged_shuffled_equals_fixed(backend):
     a, _ = hotloop.nft_loss(x, old, correct, mask, group_size=G, agg="seq-mean-token-mean")
     xp = logp[perm].clone().requires_grad_()
     b, _ = hotloop.nft_loss(xp, old[perm], correct[perm], mask[perm], group_index=gid, agg="seq-mean-token-mean")
-    assert rel_err(b.detach(), a.detach()) < 1e-6
+    assert rel_err(b.detach(), a.detach()) < 1e-5
     assert rel_err(torch.autograd.grad(b, xp)[0], torch.autograd.grad(a, x)[0][perm]) < 1e-6
 
 
@@ -261,8 +262,8 @@ def _good(dev="cpu"):
     (dict(logp=torch.zeros(10)), ValueError, "`logp` must be [B, T]"),
     (dict(old_logp=torch.zeros(2, 4)), ValueError, "`old_logp` must have the shape"),
     (dict(advantages=torch.zeros(3)), ValueError, "`advantages` must be [B]"),
-    (dict(mask=torch.zeros(2, 5, dtype=torch.int64)), TypeError, "`mask` must have dtype"),
-    (dict(mask=-torch.ones(2, 5)), ValueError, "`mask` must be bool or finite weights"),
+    (dict(mask=torch.zeros(2, 5, dtype=torch.int16)), TypeError, "`mask` must have dtype"),
+    (dict(mask=-torch.ones(2, 5)), ValueError, "`mask` must be bool, or 0 / 1 integers, or finite weights"),
     (dict(kl="k4"), ValueError, "`kl` must be one of"),
     (dict(kl_coef=0.1, ref_logp=None), ValueError, "needs `ref_logp`"),
     (dict(clip_low=1.5), ValueError, "`clip_low`"),
@@ -309,7 +310,30 @@ def test_policy_loss_compiles():
     x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
     a = f(x)
     b, _ = hotloop.policy_loss(y, old, adv, mask, ref_logp=ref, kl_coef=0.1, importance="sequence")
-    assert rel_err(a.detach(), b.detach()) < 1e-6
+    assert rel_err(a.detach(), b.detach()) < 1e-5
     a.backward(), b.backward()
     assert rel_err(x.grad, y.grad) < 1e-6
     assert math.isfinite(a.item())
+
+
+def test_single_response_and_integer_mask(backend):
+    """B = 1 (broadcasts stay contiguous for the kernels) and TRL's int64 completion mask."""
+    dev = device_for(backend)
+    logp, old, ref, adv, mask = _batch(1, 7, dev)
+    x = logp.clone().requires_grad_()
+    for m in (mask, mask.long()):
+        a, _ = hotloop.policy_loss(x, old, adv, m, importance="sequence")
+        b, _ = hotloop.nft_loss(x, old, torch.tensor([1], device=dev), m, group_size=1)
+        assert torch.isfinite(a) and torch.isfinite(b)
+        assert torch.isfinite(torch.autograd.grad(a + b, x)[0]).all()
+
+
+def test_low_precision_logp_with_a_loss_scale():
+    """fp16 log-probs under GradScaler's 65536: the scale multiplies in float32, then one rounding to fp16."""
+    logp, old, _, adv, mask = _batch(4, 30, "cpu")
+    x16, x32 = logp.half().requires_grad_(), logp.half().float().requires_grad_()
+    loss16, _ = hotloop.policy_loss(x16, old, adv, mask)
+    loss32, _ = hotloop.policy_loss(x32, old, adv, mask)
+    (loss16 * 65536.0).backward(), (loss32 * 65536.0).backward()
+    assert torch.isfinite(x16.grad).all()
+    assert rel_err(x16.grad.float(), x32.grad) < 1e-3

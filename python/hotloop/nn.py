@@ -1,8 +1,10 @@
 """Module forms of the fused linear RL losses, for drop-in use where a trainer holds a loss module.
 
-GRPOLoss takes the constructor and forward arguments of Liger's LigerFusedLinearGRPOLoss (TRL's names:
-beta, epsilon_low / high, loss_type, max_completion_length, importance_sampling_level, temperature) and runs
-hotloop.linear_policy_loss; NFTLoss runs hotloop.linear_nft_loss. Both return (loss, metrics).
+GRPOLoss takes the main constructor and forward arguments of Liger's LigerFusedLinearGRPOLoss (TRL's names:
+beta, epsilon_low / high, loss_type, max_completion_length, importance_sampling_level, temperature; compiled and
+chunk_size are accepted and have nothing to tune here) and runs hotloop.linear_policy_loss; NFTLoss runs
+hotloop.linear_nft_loss. Both return (loss, metrics dict) where Liger returns (loss, metrics tuple); the reference
+model's log-probs come precomputed (ref_per_token_logps), not as ref_input / ref_weight.
 """
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ class GRPOLoss(torch.nn.Module):
     def __init__(self, beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
                  loss_type: str = "dapo", max_completion_length: int | None = None,
                  importance_sampling_level: str = "token", temperature: float = 1.0, kl: str = "k3",
-                 dual_clip: float | None = None, entropy_coef: float = 0.0):
+                 dual_clip: float | None = None, entropy_coef: float = 0.0, compiled: bool = True,
+                 chunk_size: int = 1):
         super().__init__()
+        del compiled, chunk_size  # Liger's knobs: nothing is compiled or chunked by the caller here
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"hotloop.nn.GRPOLoss: `loss_type` must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
         self.options = dict(kl=kl, kl_coef=beta, clip_low=epsilon_low, clip_high=epsilon_high, dual_clip=dual_clip,

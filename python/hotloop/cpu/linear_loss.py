@@ -50,7 +50,7 @@ def fused_linear_loss_cpu(hidden: Tensor, weight: Tensor, bias: Tensor | None, l
         lp, ent, _, lse = torch.ops.hotloop.token_stats_fwd_cpu(z3, lab.unsqueeze(0), temperature, IGNORE,
                                                                 True, False)
         g_lp, s = terms.grads_at(lp.reshape(-1), pos)
-        w_blk = terms.w.index_select(0, pos)
+        w_blk = terms.w_agg.index_select(0, pos)  # the entropy bonus's weights
         ent = ent.reshape(-1)
         loss = loss + s[0] - entropy_coef * (w_blk * ent).sum()
         ent_sum = ent_sum + (terms.m.index_select(0, pos) * ent).sum()

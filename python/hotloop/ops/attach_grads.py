@@ -12,7 +12,8 @@ from torch import Tensor
 
 @torch.library.custom_op("hotloop::attach_grads", mutates_args=())
 def attach_grads(value: Tensor, inputs: list[Tensor], grads: list[Tensor]) -> Tensor:
-    """-> a copy of `value` [] whose gradient w.r.t. inputs[i] is grads[i] (same shape) times the incoming one."""
+    """-> a copy of `value` [] whose gradient w.r.t. inputs[i] is grads[i] (same shape; its own dtype, e.g. float32
+    for a bf16 input, is rounded to the input's after scaling) times the incoming one. One backward only."""
     return value.clone()
 
 
@@ -25,6 +26,7 @@ def _setup_context(ctx, inputs, output):
     # kept on ctx, not saved: backward hands these very tensors to autograd (no copy of a [V, H] weight
     # gradient), so they can serve one backward only
     ctx.grads = list(inputs[2])
+    ctx.dtypes = [x.dtype for x in inputs[1]]
 
 
 def _backward(ctx, grad_out):
@@ -34,9 +36,11 @@ def _backward(ctx, grad_out):
                            "the first backward; call the loss again for another backward (retain_graph is "
                            "not supported)")
     ctx.grads = None
-    for g in grads:  # in place, in each gradient's dtype: no second [V, H] buffer
-        g.mul_(grad_out.to(g.dtype))
-    return None, grads, [None] * len(grads)
+    # the incoming scale (a loss scaler's 65536, 1 / accumulation steps) multiplies in float32, then the result
+    # is rounded once to the input's dtype; a gradient already in that dtype is scaled in place (no second
+    # [V, H] buffer)
+    out = [g.mul_(grad_out) if g.dtype == dt else (g * grad_out).to(dt) for g, dt in zip(grads, ctx.dtypes)]
+    return None, out, [None] * len(grads)
 
 
 attach_grads.register_autograd(_backward, setup_context=_setup_context)

@@ -30,14 +30,16 @@ IGNORE = -100
 
 
 def _fused(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, mask: Tensor,
-           temperature: float, entropy_coef: float, grad_filter_eps: float, make_terms, ref_loss) -> tuple[Tensor, dict[str, Tensor]]:
-    """Shared driver: make_terms(logp_like, backend) builds the loss's PolicyTerms / NFTTerms; ref_loss(logp,
-    entropy) is the composition used by the reference backend."""
+           temperature: float, entropy_coef: float, grad_filter_eps: float, make_terms, ref_loss
+           ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Shared driver: make_terms(logp_like, mask, backend) builds the loss's PolicyTerms / NFTTerms;
+    ref_loss(logp, entropy, mask) is the composition used by the reference backend."""
     temperature = check_positive(op, "temperature", temperature)
     entropy_coef = check_real(op, "entropy_coef", entropy_coef)
     grad_filter_eps = check_real(op, "grad_filter_eps", grad_filter_eps, low=0.0)
     backend = resolve_backend(op, hidden.device, _BACKENDS)
     H = hidden.shape[-1]
+    mask = torch.where(labels == IGNORE, 0, mask)  # a label of -100 masks its token out (every path alike)
     labels_eff = torch.where(mask != 0, labels, IGNORE)  # masked positions may hold anything (padding ids)
     if labels_checked_on_host(labels.device):
         check_label_range(op, labels_eff, weight.shape[0], IGNORE)
@@ -45,9 +47,9 @@ def _fused(op: str, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels:
         from hotloop.reference.linear_token_stats import linear_token_stats_ref
 
         lp, ent, _ = linear_token_stats_ref(hidden, weight, labels_eff, bias, temperature, IGNORE, True, False)
-        return ref_loss(lp, ent)
+        return ref_loss(lp, ent, mask)
     like = hidden.new_empty(labels.shape, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-    terms = make_terms(like, backend)
+    terms = make_terms(like, mask, backend)
     labels_eff = labels_eff.reshape(-1)
     h2 = hidden.reshape(-1, H)
     if h2.stride(1) != 1:
@@ -81,8 +83,8 @@ def _two_pass(h2, w, b, labels, temperature, terms, entropy_coef, need, grad_fil
     on = terms.m != 0
     ent = torch.where(on, ent, 0.0)  # dropped rows: their entropy is not part of any sum
     g_lp, sums = terms.grads(torch.where(on, lp, 0.0))
-    loss = sums[0] - entropy_coef * (terms.w * ent).sum()
-    g_ent = -entropy_coef * terms.w if entropy_coef != 0.0 else None
+    loss = sums[0] - entropy_coef * (terms.w_agg * ent).sum()
+    g_ent = -entropy_coef * terms.w_agg if entropy_coef != 0.0 else None
     d_h, d_w, d_b = torch.ops.hotloop.linear_token_stats_bwd(
         g_lp, g_ent, None, h2.detach(), w.detach(), None if b is None else b.detach(), labels, lse, ent,
         temperature, IGNORE, need[0], need[1], need[2] and b is not None, grad_filter_eps, backend)
@@ -101,7 +103,8 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
     Args:
         hidden: [B, T, H] (or packed [N, H] with cu_seqlens) last hidden states, float32 / bfloat16 / float16.
         weight: [V, H] lm_head weight, hidden's dtype;  bias: optional [V].
-        labels: [B, T] (or [N]) int32 / int64 sampled token ids; positions with mask 0 may hold anything.
+        labels: [B, T] (or [N]) int32 / int64 sampled token ids; positions with mask 0 may hold anything, and a
+            label of -100 masks its token out.
         old_logp, advantages, mask, ref_logp, kl, kl_coef, clip_low, clip_high, dual_clip, importance, agg,
             max_length, cu_seqlens: as in `hotloop.policy_loss` (log-probs shaped like labels).
         entropy_coef: weight of an entropy bonus: loss -= entropy_coef * aggregated entropy (0 = none).
@@ -117,11 +120,11 @@ def linear_policy_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp:
         "linear_policy_loss", _like(labels), old_logp, advantages, mask, ref_logp, kl, kl_coef, clip_low,
         clip_high, dual_clip, importance, agg, max_length, cu_seqlens, logp_name="labels")
 
-    def make_terms(like, backend):
+    def make_terms(like, mask, backend):
         return PolicyTerms(like, old_logp, advantages, mask, ref_logp, kl, kl_coef, clip_low, clip_high, dual_clip,
                            importance, agg, max_length, cu_seqlens, backend)
 
-    def ref_loss(lp, ent):
+    def ref_loss(lp, ent, mask):
         from hotloop.reference.policy_loss import policy_loss_ref, with_entropy_bonus
 
         loss, metrics = policy_loss_ref(lp, old_logp, advantages, mask, ref_logp, kl, kl_coef, clip_low, clip_high,
@@ -150,11 +153,11 @@ def linear_nft_loss(hidden: Tensor, weight: Tensor, labels: Tensor, old_logp: Te
         "linear_nft_loss", _like(labels), old_logp, correct, mask, group_size, group_index,
         clamp_negative, normalize, neg_weight, ratio, agg, max_length, cu_seqlens, logp_name="labels")
 
-    def make_terms(like, backend):
+    def make_terms(like, mask, backend):
         return NFTTerms(like, old_logp, correct, mask, group_size, group_index, clamp_negative, normalize,
                         neg_weight, ratio, agg, max_length, cu_seqlens, backend)
 
-    def ref_loss(lp, ent):
+    def ref_loss(lp, ent, mask):
         from hotloop.reference.policy_loss import nft_loss_ref, with_entropy_bonus
 
         loss, metrics = nft_loss_ref(lp, old_logp, correct, mask, group_size, group_index, clamp_negative,

@@ -13,7 +13,9 @@ from torch import Tensor
 from hotloop._checks import FLOAT_DTYPES, LABEL_DTYPES, check_same_device, check_tensor, labels_checked_on_host
 from hotloop.reference.policy_loss import AGGS
 
-MASK_DTYPES = (torch.bool, torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# bool, float weights, or TRL's integer 0 / 1 completion masks
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16,
+               torch.float64)
 
 
 def check_real(op: str, name: str, value: object, *, low: float | None = None, high: float | None = None,
@@ -97,8 +99,8 @@ def resolve_max_length(op: str, agg: str, max_length: int | None, logp: Tensor, 
 
 def float_mask(op: str, mask: Tensor, dt: torch.dtype) -> Tensor:
     """The mask as a [N] float weight; negative or non-finite weights are refused."""
-    m = mask.reshape(-1).to(dt)
+    m = mask.reshape(-1).to(dt).contiguous()
     if mask.dtype != torch.bool and labels_checked_on_host(mask.device) and not bool(
             (torch.isfinite(m) & (m >= 0)).all()):
-        raise ValueError(f"hotloop.{op}: `mask` must be bool or finite weights >= 0")
+        raise ValueError(f"hotloop.{op}: `mask` must be bool, or 0 / 1 integers, or finite weights >= 0")
     return m

@@ -71,7 +71,8 @@ class NFTTerms:
         c = correct.detach().to(self.dt)
         rate = group_rate(c, group_size, group_index)
         coef = prompt_weight(rate, normalize) * torch.where(c > 0.5, 1.0, neg_weight)
-        self.w = self.layout.agg_weights(self.m, agg, max_length) * self.layout.per_token(coef)
+        self.w_agg = self.layout.agg_weights(self.m, agg, max_length)  # the entropy bonus is weighted by this
+        self.w = self.w_agg * self.layout.per_token(coef)
         self.r, self.c = self.layout.per_token(rate), self.layout.per_token(c)
         self.old = None if old_logp is None else old_logp.detach().reshape(-1).to(self.dt)
         self.clamp_negative, self.backend = clamp_negative, backend
@@ -159,8 +160,10 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, correct: Tensor, mask: Tenso
         clamp_negative, normalize, neg_weight, ratio, agg, max_length, cu_seqlens: as above / as `policy_loss`.
 
     Returns:
-        (loss [] float32 differentiable w.r.t. logp, metrics: ratio_mean, neg_clamped_frac (tokens of incorrect
-        responses whose negative ratio was clamped), each [] detached).
+        (loss [] float32 (float64 for float64 logp), differentiable w.r.t. logp, one backward per call;
+        metrics, each [] detached, as fractions of all masked-in tokens: ratio_mean, neg_clamped_frac (tokens of
+        incorrect responses whose negative ratio was clamped)). `correct` and `group_index` are checked with a
+        host read unless HOTLOOP_CHECK_LABELS=0.
     """
     clamp_negative, neg_weight, max_length = check_nft_args(
         _OP, logp, old_logp, correct, mask, group_size, group_index, clamp_negative, normalize, neg_weight, ratio,
@@ -173,5 +176,5 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, correct: Tensor, mask: Tenso
                      ratio, agg, max_length, cu_seqlens, backend)
     with torch.no_grad():
         g, sums = terms.grads(logp.detach().reshape(-1).to(terms.dt))
-    loss = loss_with_grads(sums[0], [(logp, g.view(logp.shape).to(logp.dtype))])
+    loss = loss_with_grads(sums[0], [(logp, g.view(logp.shape))])
     return loss, terms.metrics(sums)

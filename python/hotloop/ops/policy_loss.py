@@ -22,7 +22,8 @@ from hotloop.ops.attach_grads import loss_with_grads
 from hotloop.ops.loss_checks import (MASK_DTYPES, check_choice, check_like, check_per_row, check_real,
                                      check_token_layout, float_mask, resolve_max_length)
 from hotloop.ops.row_layout import RowLayout
-from hotloop.reference.policy_loss import IMPORTANCE, KL_KINDS, POLICY_METRICS, policy_loss_ref
+from hotloop.reference.policy_loss import (IMPORTANCE, KL_KINDS, POLICY_METRICS, per_token_given,
+                                           policy_loss_ref)
 
 _OP = "policy_loss"
 _BACKENDS = ("reference", "cpu", "triton")
@@ -62,9 +63,10 @@ class PolicyTerms:
         self.dt = torch.float64 if logp.dtype == torch.float64 and backend == "cpu" else torch.float32
         self.layout = RowLayout(logp.shape, cu_seqlens, logp.device)
         self.m = float_mask(_OP, mask, self.dt)
-        self.w = self.layout.agg_weights(self.m, agg, max_length)
+        self.w = self.w_agg = self.layout.agg_weights(self.m, agg, max_length)
         adv = advantages.detach().to(self.dt)
-        self.adv = adv.reshape(-1).contiguous() if adv.shape == logp.shape else self.layout.per_token(adv)
+        per_token = per_token_given(adv, logp, cu_seqlens)
+        self.adv = adv.reshape(-1).contiguous() if per_token else self.layout.per_token(adv)
         self.old = None if old_logp is None else old_logp.detach().reshape(-1).to(self.dt)
         self.ref = None if ref_logp is None else ref_logp.detach().reshape(-1).to(self.dt)
         self.kl_kind = _KL_IDS[kl] if self.ref is not None else 0
@@ -125,9 +127,9 @@ def check_policy_args(op: str, logp: Tensor, old_logp: Tensor, advantages: Tenso
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: Tensor, *,
-                ref_logp: Tensor | None = None, kl: str = "k3", kl_coef: float = 0.0, clip_low: float = 0.2, clip_high: float = 0.2,
-                dual_clip: float | None = None, importance: str = "token", agg: str = "token-mean",
-                max_length: int | None = None, cu_seqlens: Tensor | None = None
+                ref_logp: Tensor | None = None, kl: str = "k3", kl_coef: float = 0.0, clip_low: float = 0.2,
+                clip_high: float = 0.2, dual_clip: float | None = None, importance: str = "token",
+                agg: str = "token-mean", max_length: int | None = None, cu_seqlens: Tensor | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy-gradient loss with optional KL penalty, aggregated over tokens (SPEC §4).
 
@@ -141,16 +143,17 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
             accepted), or packed [N] with `cu_seqlens`. The only input that receives a gradient.
         old_logp: log-probs under the policy that sampled (logp's shape); None = on-policy (ρ = 1, the gradient
             of one GRPO iteration, as TRL's old = logp.detach()).
-        advantages: [B] per response (broadcast to its tokens) or per token (logp's shape).
+        advantages: [B] per response (broadcast to its tokens) or per token (logp's shape; packed [N] is read per
+            response when N == B).
         mask: logp's shape, bool or float weights >= 0; tokens with mask 0 contribute nothing (NaN there is fine).
         ref_logp: log-probs under the reference policy; needed when kl_coef != 0 (then also the `kl_mean` metric).
         kl, kl_coef: KL estimator and its weight β (TRL's and verl's default β is 0.0).
         clip_low, clip_high: ε_low, ε_high (0.2 / 0.2; DAPO: 0.2 / 0.28).
         dual_clip: c > 1 of dual-clip PPO (verl's clip_ratio_c, e.g. 3.0), None = off.
         importance: "token" (PPO / GRPO) or "sequence" (GSPO).
-        agg: "token-mean" Σ l m / Σ m; "seq-mean-token-mean" mean over non-empty rows of each row's token mean;
-            "seq-mean-token-sum" mean over non-empty rows of each row's token sum; "seq-mean-token-sum-norm" and
-            "dr_grpo": Σ l m / (B * max_length).
+        agg: "token-mean" Σ l m / Σ m; "seq-mean-token-mean" mean over rows of each row's token mean;
+            "seq-mean-token-sum" mean over rows of each row's token sum (both divide by B, as TRL / verl);
+            "seq-mean-token-sum-norm" and "dr_grpo": Σ l m / (B * max_length).
         max_length: L_max of the last two (default T; required with packed input).
         cu_seqlens: [B + 1] int32 / int64 sequence boundaries of packed input.
 
@@ -158,8 +161,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
         (loss, metrics): loss [] float32 (float64 for float64 logp), differentiable w.r.t. logp; metrics, each []
         and detached, token means under the mask: clip_frac_low (ρ < 1 - ε_low with A < 0), clip_frac_high
         (ρ > 1 + ε_high with A > 0), clip_frac_dual, ratio_mean, kl_mean (0 without ref_logp).
-    An all-empty mask gives loss 0 and gradient 0. No host synchronisation on GPU beyond the optional
-    cu_seqlens / mask checks (off with HOTLOOP_CHECK_LABELS=0).
+    An all-empty mask gives loss 0 and gradient 0. The gradient is computed in the forward: one backward per
+    call (no retain_graph, no double backward). No host synchronisation on GPU beyond the optional cu_seqlens /
+    mask checks (off with HOTLOOP_CHECK_LABELS=0).
     """
     kl_coef, clip_low, clip_high, dual_clip, max_length = check_policy_args(
         _OP, logp, old_logp, advantages, mask, ref_logp, kl, kl_coef, clip_low, clip_high, dual_clip, importance,
@@ -172,5 +176,5 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
                         importance, agg, max_length, cu_seqlens, backend)
     with torch.no_grad():
         g, sums = terms.grads(logp.detach().reshape(-1).to(terms.dt))
-    loss = loss_with_grads(sums[0], [(logp, g.view(logp.shape).to(logp.dtype))])
+    loss = loss_with_grads(sums[0], [(logp, g.view(logp.shape))])
     return loss, terms.metrics(sums)

@@ -32,24 +32,24 @@ class RowLayout:
     def per_token(self, v: Tensor) -> Tensor:
         """[B] -> [N]: each token gets its row's value (contiguous)."""
         if not self.packed:
-            return v[:, None].expand(self.B, self.T).reshape(-1)
+            return v[:, None].expand(self.B, self.T).contiguous().view(-1)  # B = 1 would stay a stride-0 view
         return v.index_select(0, self.row_id)
 
     def agg_weights(self, m: Tensor, agg: str, max_length: int | None) -> Tensor:
         """[N] loss weights w (0 where m = 0) with loss = sum_t w_t l_t equal to SPEC §4's aggregation of l.
 
-        Empty rows do not count in the sequence means; an all-empty mask gives weights 0 (loss 0).
+        Sequence means divide by B, every row counted (an empty one adds 0), as TRL, Liger and verl do; an
+        all-empty mask gives weights 0 (loss 0).
         """
         if agg == "token-mean":
             total = m.sum()
             return m / torch.where(total != 0, total, 1.0)
         if agg in ("seq-mean-token-sum-norm", "dr_grpo"):
             return m / float(self.B * max_length)
-        lengths = self.row_sum(m)
-        rows = (lengths != 0).sum().clamp(min=1).to(m.dtype)
         if agg == "seq-mean-token-sum":
-            return m / rows
-        return m / (self.per_token(torch.where(lengths != 0, lengths, 1.0)) * rows)  # seq-mean-token-mean
+            return m / float(self.B)
+        lengths = self.row_sum(m)  # seq-mean-token-mean
+        return m / (self.per_token(torch.where(lengths != 0, lengths, 1.0)) * float(self.B))
 
     def sequence_log_ratio(self, delta: Tensor, m: Tensor) -> tuple[Tensor, Tensor]:
         """GSPO's sequence-level log-ratio: each token gets its row's masked mean of delta.

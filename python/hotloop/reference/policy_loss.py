@@ -135,8 +135,8 @@ def _rows(x: Tensor, cu_seqlens: Tensor | None) -> list[Tensor]:
 
 
 def _aggregate(loss: Tensor, mask: Tensor, cu_seqlens: Tensor | None, agg: str, max_length: int | None) -> Tensor:
-    """SPEC §4 aggregation of per-token losses (mask already a float weight; loss 0 where it is 0). Empty rows
-    never count in a sequence mean; an all-empty mask gives 0."""
+    """SPEC §4 aggregation of per-token losses (mask already a float weight; loss 0 where it is 0). Sequence means
+    divide by B, empty rows included (they add 0), as TRL, Liger and verl do; an all-empty mask gives 0."""
     per_row = [(lr * mr).sum() for lr, mr in zip(_rows(loss, cu_seqlens), _rows(mask, cu_seqlens))]
     lengths = [mr.sum() for mr in _rows(mask, cu_seqlens)]
     B = len(per_row)
@@ -145,12 +145,9 @@ def _aggregate(loss: Tensor, mask: Tensor, cu_seqlens: Tensor | None, agg: str, 
         return sum(per_row, loss.new_zeros(())) / total if total > 0 else loss.sum()  # all masked: 0, with a graph
     if agg in ("seq-mean-token-sum-norm", "dr_grpo"):
         return sum(per_row, loss.new_zeros(())) / (B * max_length)
-    kept = [(s, n) for s, n in zip(per_row, lengths) if n > 0]
-    if not kept:
-        return loss.sum()  # every token masked out: 0, with a graph
     if agg == "seq-mean-token-mean":
-        return sum(s / n for s, n in kept) / len(kept)
-    return sum(s for s, _ in kept) / len(kept)  # seq-mean-token-sum
+        return sum((s / n if n > 0 else s for s, n in zip(per_row, lengths)), loss.new_zeros(())) / B
+    return sum(per_row, loss.new_zeros(())) / B  # seq-mean-token-sum
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -158,13 +155,23 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (torch.where(mask != 0, x * mask, 0.0).sum() / total) if total > 0 else x.new_zeros(())
 
 
-def _per_token(values: Tensor, like: Tensor, cu_seqlens: Tensor | None) -> Tensor:
-    """Per-response values [B] broadcast to the tokens of `like` ([B, T] or packed [N]); per-token ones as is."""
-    if values.shape == like.shape:
-        return values
+def _per_row(values: Tensor, like: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """Per-response values [B] broadcast to the tokens of `like` ([B, T] or packed [N])."""
     if cu_seqlens is None:
         return values[:, None].expand_as(like)
     return torch.repeat_interleave(values, cu_seqlens.diff())
+
+
+def per_token_given(values: Tensor, like: Tensor, cu_seqlens: Tensor | None) -> bool:
+    """Whether advantages hold one value per token: logp's shape; packed [N] only where N != B (else the
+    values are read per response)."""
+    B = like.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return values.shape == like.shape and (cu_seqlens is None or like.shape[0] != B)
+
+
+def _per_token(values: Tensor, like: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """Advantages per token: as given when per token, else broadcast from per response."""
+    return values if per_token_given(values, like, cu_seqlens) else _per_row(values, like, cu_seqlens)
 
 
 def _sequence_log_ratio(delta: Tensor, mask: Tensor, cu_seqlens: Tensor | None) -> Tensor:
@@ -174,7 +181,7 @@ def _sequence_log_ratio(delta: Tensor, mask: Tensor, cu_seqlens: Tensor | None) 
         n = mr.sum()
         masked = torch.where(mr != 0, d * mr, 0.0).sum()
         means.append(masked / n if n > 0 else masked)  # an empty row: 0, with a graph
-    return _per_token(torch.stack(means), delta, cu_seqlens)
+    return _per_row(torch.stack(means), delta, cu_seqlens)
 
 
 def policy_loss_ref(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: Tensor, ref_logp: Tensor | None,
@@ -185,8 +192,8 @@ def policy_loss_ref(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, m
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     logp, m = logp.to(dt), mask.to(dt)
     old = logp.detach() if old_logp is None else old_logp.to(dt).detach()  # None: on-policy
-    adv = _per_token(advantages.to(dt).detach(), logp, cu_seqlens)
     on = m != 0
+    adv = torch.where(on, _per_token(advantages.to(dt).detach(), logp, cu_seqlens), 0.0)  # no NaN * 0
     delta = torch.where(on, logp - old, 0.0)
     if importance == "sequence":
         delta = _sequence_log_ratio(delta, m, cu_seqlens)
@@ -251,10 +258,10 @@ def nft_loss_ref(logp: Tensor, old_logp: Tensor | None, correct: Tensor, mask: T
         delta = _sequence_log_ratio(delta, m, cu_seqlens)
     log_R = delta.clamp(max=NFT_LOG_RATIO_MAX)
     R = torch.exp(log_R)
-    r_t, c_t = _per_token(rate, logp, cu_seqlens), _per_token(c, logp, cu_seqlens)
+    r_t, c_t = _per_row(rate, logp, cu_seqlens), _per_row(c, logp, cu_seqlens)
     x = (1.0 - r_t * R) / (1.0 - r_t)
     x_st = x + (x.clamp(min=clamp_negative) - x).detach()  # max_ST: clamped value, unclamped gradient
-    loss = torch.where(c_t > 0.5, -log_R, -torch.log(x_st)) * _per_token(coef, logp, cu_seqlens)
+    loss = torch.where(c_t > 0.5, -log_R, -torch.log(x_st)) * _per_row(coef, logp, cu_seqlens)
     total = _aggregate(torch.where(on, loss, 0.0), m, cu_seqlens, agg, max_length)
     with torch.no_grad():
         metrics = {"ratio_mean": _masked_mean(R, m),
