@@ -6,9 +6,11 @@ from hotloop.ops.linear_losses import linear_nft_loss, linear_policy_loss
 from hotloop.ops.linear_token_stats import linear_token_logprobs, linear_token_stats
 from hotloop.ops.nft_loss import nft_loss
 from hotloop.ops.policy_loss import policy_loss
+from hotloop.ops.sequence_logprobs import linear_sequence_logprobs, sequence_logprobs
 from hotloop.ops.token_stats import TokenStats, token_logprobs, token_stats
 
 __version__ = "0.1.0"
 
 __all__ = ["TokenStats", "group_advantages", "linear_nft_loss", "linear_policy_loss", "linear_token_logprobs",
-           "linear_token_stats", "nft_loss", "nn", "policy_loss", "token_logprobs", "token_stats", "__version__"]
+           "linear_sequence_logprobs", "linear_token_stats", "nft_loss", "nn", "policy_loss", "sequence_logprobs",
+           "token_logprobs", "token_stats", "__version__"]
