@@ -240,3 +240,19 @@ def test_label_minus_100_masks_its_token_in_every_path(monkeypatch, importance):
         runs.append((loss.detach(), h.grad))
     assert rel_err(runs[1][0], runs[0][0]) < 1e-5 and rel_err(runs[1][1], runs[0][1]) < 1e-5
     assert torch.all(runs[1][1][0, 0] == 0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("importance", ["token", "sequence"])
+def test_cuda_linear_policy_loss_matches_cpu(importance):
+    hidden, weight, bias, labels, mask, old, ref, adv = _inputs(4, 64, 256, 5000, torch.float32)
+    runs = []
+    for dev in ("cpu", "cuda"):
+        h, w, b = _leaves(*(t.to(dev) for t in (hidden, weight, bias)))
+        loss, _ = hotloop.linear_policy_loss(h, w, labels.to(dev), old.to(dev), adv.to(dev), mask.to(dev),
+                                             ref_logp=ref.to(dev), bias=b, kl_coef=0.1, entropy_coef=0.05,
+                                             importance=importance)
+        loss.backward()
+        runs.append([t.detach().cpu() for t in (loss, h.grad, w.grad, b.grad)])
+    for cpu, gpu in zip(*runs):
+        assert rel_err(gpu, cpu) < 1e-4
