@@ -38,6 +38,16 @@ TORCH_LIBRARY(hotloop, m) {
   // r: r_q of the token's group; c: 1 correct / 0 not. -> g_lr [N], sums [3] (loss, ratio sum, clamped count).
   m.def("nft_tokens_cpu(Tensor lr, Tensor m, Tensor w, Tensor r, Tensor c, float clamp_negative) "
         "-> (Tensor g_lr, Tensor sums)");
+  // Per-pair contracts of the preference losses (SPEC §6) and KTO: preference_pairs_ref / kto_items_ref in
+  // python/hotloop/reference/preference_loss.py. Every tensor contiguous [B], all float32 or all float64.
+  // kind: index into KINDS there (0 sigmoid ... 11 cream); lengths already >= 1.
+  // -> per-pair loss, d loss / d x_w, d loss / d x_l, d loss / d nll, each [B].
+  m.def("preference_pairs_cpu(Tensor x_w, Tensor x_l, Tensor r_w, Tensor r_l, Tensor len_w, Tensor len_l, "
+        "Tensor c, Tensor nll, int kind, float beta, float label_smoothing, float gamma) "
+        "-> (Tensor loss, Tensor g_w, Tensor g_l, Tensor g_nll)");
+  // d: 1 desirable / 0 undesirable; kl: one element, already clamped >= 0. -> per-item loss, d loss / d x, [B].
+  m.def("kto_items_cpu(Tensor x, Tensor r, Tensor d, Tensor kl, float beta, float desirable_weight, "
+        "float undesirable_weight) -> (Tensor loss, Tensor g)");
 }
 
 static bool built_with_cuda() {

@@ -6,11 +6,15 @@ from hotloop.ops.linear_losses import linear_nft_loss, linear_policy_loss
 from hotloop.ops.linear_token_stats import linear_token_logprobs, linear_token_stats
 from hotloop.ops.nft_loss import nft_loss
 from hotloop.ops.policy_loss import policy_loss
+from hotloop.ops.preference_loss import kto_loss, preference_loss
+from hotloop.ops.linear_preference_loss import linear_preference_loss
 from hotloop.ops.sequence_logprobs import linear_sequence_logprobs, sequence_logprobs
 from hotloop.ops.token_stats import TokenStats, token_logprobs, token_stats
 
 __version__ = "0.1.0"
 
-__all__ = ["TokenStats", "group_advantages", "linear_nft_loss", "linear_policy_loss", "linear_token_logprobs",
-           "linear_sequence_logprobs", "linear_token_stats", "nft_loss", "nn", "policy_loss", "sequence_logprobs",
-           "token_logprobs", "token_stats", "__version__"]
+
+__all__ = ["TokenStats", "group_advantages", "kto_loss", "linear_nft_loss", "linear_policy_loss",
+           "linear_preference_loss", "linear_sequence_logprobs", "linear_token_logprobs", "linear_token_stats",
+           "nft_loss", "nn", "policy_loss", "preference_loss", "sequence_logprobs", "token_logprobs", "token_stats",
+           "__version__"]

@@ -1,0 +1,136 @@
+"""DPO-family losses straight from the last hidden states: both sides' sequence log-probs from hidden @ lm_head,
+the pair loss, and the gradients of hidden / weight / bias, without the [N, V] logits (SPEC §2 + §6).
+
+A pair loss needs whole-sequence sums before any token's gradient is known, so this is the two-pass scheme:
+the fused linear log-prob kernels' forward over every token (no gradient kept), the per-sequence sums and token
+counts, hotloop.preference_loss on them (its gradient w.r.t. each sequence's log-prob), each token's gradient
+(the sequence's, times its mask), then the kernels' backward with it: d_hidden, d_weight, d_bias in the forward,
+attached to the loss (hotloop::attach_grads). Chosen and rejected sequences share one batch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hotloop._backend import resolve_backend
+from hotloop._checks import check_label_range, check_positive, labels_checked_on_host
+from hotloop.ops.attach_grads import loss_with_grads
+from hotloop.ops.linear_token_stats import check_linear_args
+from hotloop.ops.loss_checks import MASK_DTYPES, check_choice, check_like, check_real, check_token_layout, float_mask
+from hotloop.ops.preference_loss import preference_loss
+from hotloop.reference.preference_loss import LENGTH_NORMALISED
+from hotloop.ops.row_layout import RowLayout
+
+_OP = "linear_preference_loss"
+_BACKENDS = ("reference", "cpu", "triton")
+LAYOUTS = ("concatenated", "interleaved")
+IGNORE = -100
+
+
+def _sides(x: Tensor, layout: str) -> tuple[Tensor, Tensor]:
+    """[2P] per-sequence values -> (chosen [P], rejected [P])."""
+    if layout == "interleaved":
+        return x[0::2], x[1::2]
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def _pair_objective(s: Tensor, lengths: Tensor, layout: str, average: bool, sft_weight: float, kw: dict
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-sequence log-prob sums s [2P] and token counts [2P] -> (loss [], metrics), differentiable in s.
+
+    ORPO's NLL (and the SFT term) is TRL's: the token mean over all chosen tokens, -Σ s_w / Σ len_w, handed to
+    preference_loss as per-pair values whose mean is exactly that."""
+    s_w, s_l = _sides(s, layout)
+    n_w, n_l = _sides(lengths, layout)
+    nll_mean = -s_w.sum() / n_w.sum().clamp(min=1)
+    chosen_nll = None if kw["kind"] != "orpo" else -s_w * (s_w.shape[0] / n_w.sum().clamp(min=1))
+    if average and kw["kind"] not in LENGTH_NORMALISED:  # Liger's average_log_prob: means stand in for sums
+        s_w, s_l = s_w / n_w.clamp(min=1), s_l / n_l.clamp(min=1)
+    loss, metrics = preference_loss(s_w, s_l, chosen_lengths=n_w, rejected_lengths=n_l, chosen_nll=chosen_nll,
+                                    **kw)
+    if sft_weight != 0.0:  # RPO / TRL's rpo_alpha, Liger's compute_nll_loss
+        loss = loss + sft_weight * nll_mean
+        metrics = {**metrics, "nll_loss": nll_mean.detach()}
+    return loss, metrics
+
+
+def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, mask: Tensor, *,
+                           ref_chosen_logps: Tensor | None = None, ref_rejected_logps: Tensor | None = None,
+                           layout: str = "concatenated", kind: str = "sigmoid", beta: float = 0.1,
+                           label_smoothing: float = 0.0, gamma: float = 0.5, consistency: Tensor | None = None,
+                           sft_weight: float = 0.0, average_log_prob: bool = False, bias: Tensor | None = None,
+                           temperature: float = 1.0, cu_seqlens: Tensor | None = None
+                           ) -> tuple[Tensor, dict[str, Tensor]]:
+    """hotloop.preference_loss on sequence log-probs computed inside from hidden @ weight.T (+ bias).
+
+    Args:
+        hidden: [2P, T, H] (or packed [N, H] with cu_seqlens over 2P sequences), float32 / bfloat16 / float16.
+        weight: [V, H] lm_head weight, hidden's dtype;  bias: optional [V].
+        labels, mask: [2P, T] (or [N]); labels int, mask bool / 0-1 ints / float weights; masked positions (and
+            labels of -100) are skipped, so prompts and padding may hold anything.
+        layout: "concatenated" (TRL's concatenated_forward: chosen rows first, then rejected) or "interleaved"
+            (chosen, rejected, chosen, ...).
+        ref_chosen_logps, ref_rejected_logps: [P] reference sequence log-prob sums (reference-based kinds).
+        kind, beta, label_smoothing, gamma, consistency: as `hotloop.preference_loss` (lengths come from the mask;
+            ORPO's NLL is TRL's: the token mean over all chosen tokens).
+        sft_weight: weight of an added NLL term, the token mean over all chosen tokens (RPO, TRL's rpo_alpha).
+        average_log_prob: per-token mean log-probs instead of sums for every kind (Liger's average_log_prob; the
+            reference log-probs must then be means too). ipo / simpo / orpo always use means.
+        temperature: the logits are divided by it.
+
+    Returns:
+        (loss [] float32, metrics of preference_loss (+ nll_loss with sft_weight)); gradients flow to hidden, weight
+        and bias, one backward per call. Never allocates [N, V].
+    """
+    check_linear_args(hidden, weight, bias, labels, op=_OP)
+    check_token_layout(_OP, labels.new_empty(labels.shape, dtype=torch.float32), cu_seqlens, "labels")
+    check_like(_OP, "mask", mask, labels, dtypes=MASK_DTYPES)
+    check_choice(_OP, "layout", layout, LAYOUTS)
+    rows = labels.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if rows % 2:
+        raise ValueError(f"hotloop.{_OP}: chosen and rejected sequences come in pairs: the batch must hold an even "
+                         f"number of sequences, got {rows}")
+    temperature = check_positive(_OP, "temperature", temperature)
+    sft_weight = check_real(_OP, "sft_weight", sft_weight, low=0.0)
+    kw = dict(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps, kind=kind, beta=beta,
+              label_smoothing=label_smoothing, gamma=gamma, consistency=consistency)
+    backend = resolve_backend(_OP, hidden.device, _BACKENDS)
+    mask = torch.where(labels == IGNORE, 0, mask)
+    labels_eff = torch.where(mask != 0, labels, IGNORE)
+    if labels_checked_on_host(labels.device):
+        check_label_range(_OP, labels_eff, weight.shape[0], IGNORE)
+    layout_rows = RowLayout(labels.shape, cu_seqlens, labels.device)
+    if backend == "reference":  # the composition of the unfused ops, autograd throughout
+        from hotloop.ops.sequence_logprobs import linear_sequence_logprobs
+
+        s = linear_sequence_logprobs(hidden, weight, labels_eff, mask, bias=bias, temperature=temperature,
+                                     cu_seqlens=cu_seqlens)
+        lengths = layout_rows.row_sum(float_mask(_OP, mask, s.dtype))
+        return _pair_objective(s, lengths, layout, average_log_prob, sft_weight, kw)
+
+    H = hidden.shape[-1]
+    h2 = hidden.reshape(-1, H)
+    h2 = h2 if h2.stride(1) == 1 else h2.contiguous()
+    w, b = weight.contiguous(), None if bias is None else bias.contiguous()
+    flat_labels = labels_eff.reshape(-1).contiguous()
+    need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    with torch.no_grad():
+        lp, _, _, lse = torch.ops.hotloop.linear_token_stats_fwd(
+            h2.detach(), w.detach(), None if b is None else b.detach(), flat_labels, temperature, IGNORE, False,
+            False, 0.0, backend)
+        m = float_mask(_OP, mask, lp.dtype)
+        s = layout_rows.row_sum(lp * m)
+        lengths = layout_rows.row_sum(m)
+    s = s.requires_grad_()
+    with torch.enable_grad():
+        loss, metrics = _pair_objective(s, lengths, layout, average_log_prob, sft_weight, kw)
+        g_seq, = torch.autograd.grad(loss, s)
+    loss = loss.detach()
+    with torch.no_grad():
+        g_tok = layout_rows.per_token(g_seq) * m
+        d_h, d_w, d_b = torch.ops.hotloop.linear_token_stats_bwd(
+            g_tok, None, None, h2.detach(), w.detach(), None if b is None else b.detach(), flat_labels, lse, None,
+            temperature, IGNORE, need[0], need[1], need[2] and b is not None, 0.0, backend)
+    loss = loss_with_grads(loss, [(hidden, d_h.view(hidden.shape) if need[0] else d_h), (weight, d_w), (bias, d_b)])
+    return loss, metrics
