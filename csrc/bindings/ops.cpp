@@ -48,6 +48,20 @@ TORCH_LIBRARY(hotloop, m) {
   // d: 1 desirable / 0 undesirable; kl: one element, already clamped >= 0. -> per-item loss, d loss / d x, [B].
   m.def("kto_items_cpu(Tensor x, Tensor r, Tensor d, Tensor kl, float beta, float desirable_weight, "
         "float undesirable_weight) -> (Tensor loss, Tensor g)");
+  // EMA of a model (SPEC §7): target[i] <- d * target[i] + (1 - d) * online[i] for every i in one pass (one
+  // launch on CUDA); copy (empty, or one per target) receives the new target in its own dtype. Contiguous
+  // tensors; (target, online) dtypes (f32, f32|bf16|f16), (bf16, bf16), (f16, f16), (f64, f64) on CPU.
+  // decay_tensor (one float32 element, on the targets' device) overrides decay; read on device by CUDA.
+  for (const char* backend : {"cpu", "cuda"}) {
+    m.def((std::string("ema_update_") + backend +
+           "(Tensor(a!)[] target, Tensor[] online, Tensor(b!)[] copy, float decay, Tensor? decay_tensor) -> ()")
+              .c_str());
+  }
+  // DINO loss (SPEC §7): student [n_crops * B, K], teacher [n_global * B, K] (crop-major rows), center [K]
+  // float32, all contiguous; -> (loss [] float32 (float64 for float64), d loss / d student (student's shape and
+  // dtype; [0] when need_grad is false)).
+  m.def("dino_loss_cpu(Tensor student, Tensor teacher, Tensor center, int n_global, float tau_s, float tau_t, "
+        "bool need_grad) -> (Tensor loss, Tensor grad_student)");
 }
 
 static bool built_with_cuda() {

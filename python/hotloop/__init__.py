@@ -10,6 +10,11 @@ from hotloop.ops.preference_loss import kto_loss, preference_loss
 from hotloop.ops.linear_preference_loss import linear_preference_loss
 from hotloop.ops.sequence_logprobs import linear_sequence_logprobs, sequence_logprobs
 from hotloop.ops.token_stats import TokenStats, token_logprobs, token_stats
+from hotloop.direct_pred import DirectPredictor
+from hotloop.ema_teacher import EMATeacher
+from hotloop.ops.byol_loss import byol_loss
+from hotloop.ops.dino_loss import dino_loss, update_center_
+from hotloop.ops.ema import ema_update_
 
 __version__ = "0.1.0"
 
@@ -17,4 +22,5 @@ __version__ = "0.1.0"
 __all__ = ["TokenStats", "group_advantages", "kto_loss", "linear_nft_loss", "linear_policy_loss",
            "linear_preference_loss", "linear_sequence_logprobs", "linear_token_logprobs", "linear_token_stats",
            "nft_loss", "nn", "policy_loss", "preference_loss", "sequence_logprobs", "token_logprobs", "token_stats",
+           "DirectPredictor", "EMATeacher", "byol_loss", "dino_loss", "ema_update_", "update_center_",
            "__version__"]

@@ -1,0 +1,4 @@
+// EMA kernel compiled for the base instruction set (see isa.h).
+#define HOTLOOP_ISA base
+#include "isa.h"
+#include "ema_kernel.h"
