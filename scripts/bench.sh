@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 
-for peer in ${HOTLOOP_PEERS:-trl liger-kernel cut-cross-entropy}; do
+for peer in ${HOTLOOP_PEERS:-trl liger-kernel cut-cross-entropy faiss-cpu}; do
   "$PY" -m pip install -q -c "$CONSTRAINTS" "$peer" || echo "peer $peer did not install; benchmarks skip it"
 done
 "$PY" -m benchmarks.run "$@"

@@ -62,6 +62,15 @@ TORCH_LIBRARY(hotloop, m) {
   // dtype; [0] when need_grad is false)).
   m.def("dino_loss_cpu(Tensor student, Tensor teacher, Tensor center, int n_global, float tau_s, float tau_t, "
         "bool need_grad) -> (Tensor loss, Tensor grad_student)");
+  // k nearest neighbours (SPEC §8): queries [Q, d], keys [M, d], one dtype (f32 | bf16 | f16), 1 <= k <= M,
+  // metric l2 | ip | cosine, valid [M] bool or None. -> (scores [Q, k] float32: squared L2 ascending, or
+  // inner product / cosine descending; indices [Q, k] int64, -1 padding when fewer than k keys are valid).
+  // query_block / key_block: tile sizes (0 = automatic), for tests that need many tiles at small shapes.
+  for (const char* backend : {"cpu", "cuda"}) {
+    m.def((std::string("knn_") + backend +
+           "(Tensor queries, Tensor keys, int k, str metric, Tensor? valid, int query_block=0, int key_block=0) "
+           "-> (Tensor, Tensor)").c_str());
+  }
 }
 
 static bool built_with_cuda() {

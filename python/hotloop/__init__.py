@@ -15,6 +15,9 @@ from hotloop.ema_teacher import EMATeacher
 from hotloop.ops.byol_loss import byol_loss
 from hotloop.ops.dino_loss import dino_loss, update_center_
 from hotloop.ops.ema import ema_update_
+from hotloop.ops.knn import knn
+from hotloop.memory import EpisodicMemory
+from hotloop.memory_rewards import MemoryRewards, memory_rewards, novelty_reward
 
 __version__ = "0.1.0"
 
@@ -23,4 +26,5 @@ __all__ = ["TokenStats", "group_advantages", "kto_loss", "linear_nft_loss", "lin
            "linear_preference_loss", "linear_sequence_logprobs", "linear_token_logprobs", "linear_token_stats",
            "nft_loss", "nn", "policy_loss", "preference_loss", "sequence_logprobs", "token_logprobs", "token_stats",
            "DirectPredictor", "EMATeacher", "byol_loss", "dino_loss", "ema_update_", "update_center_",
+           "knn", "EpisodicMemory", "MemoryRewards", "memory_rewards", "novelty_reward",
            "__version__"]
