@@ -22,6 +22,15 @@ from hotloop.memory_rewards import MemoryRewards, memory_rewards, novelty_reward
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str):
+    """hotloop.train (the training API) and hotloop.integrations load on first use."""
+    if name in ("train", "integrations"):
+        import importlib
+
+        return importlib.import_module(f"hotloop.{name}")
+    raise AttributeError(f"module 'hotloop' has no attribute {name!r}")
+
+
 __all__ = ["TokenStats", "group_advantages", "kto_loss", "linear_nft_loss", "linear_policy_loss",
            "linear_preference_loss", "linear_sequence_logprobs", "linear_token_logprobs", "linear_token_stats",
            "nft_loss", "nn", "policy_loss", "preference_loss", "sequence_logprobs", "token_logprobs", "token_stats",

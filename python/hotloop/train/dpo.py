@@ -1,0 +1,67 @@
+"""The DPO family (DPO, cDPO, robust, hinge, IPO, BCO pair, SPPO hard, APO, SimPO, ORPO, CREAM, + RPO's NLL term)
+as a loss over a Hugging Face causal LM's batch: hotloop's fused linear preference loss on the backbone's hidden
+states and the lm_head weight, so the [2P, T, V] logits never exist."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hotloop.ops.linear_preference_loss import linear_preference_loss
+from hotloop.reference.preference_loss import KINDS, REFERENCE_FREE
+from hotloop.train._backbone import Output, check_choice, completions, fused, ref_logps, require
+
+
+class DPO:
+    """Preference loss of a causal LM on chosen / rejected pairs.
+
+    Args:
+        kind: one of hotloop.reference.preference_loss.KINDS ("sigmoid" = DPO, "simpo", "orpo", "cream", "ipo",
+            ...); the reference-free kinds (simpo, orpo) need no reference log-probs.
+        beta, label_smoothing, gamma: as `hotloop.preference_loss` (TRL's names).
+        sft_weight: weight of an NLL term on the chosen tokens (RPO, TRL's rpo_alpha).
+        layout: "concatenated" (TRL: the P chosen rows, then the P rejected rows) or "interleaved".
+        ref_model: frozen reference model, used when the batch has no ref_chosen_logps / ref_rejected_logps.
+        temperature: the logits are divided by it.
+
+    loss(model, batch): batch holds input_ids [2P, T], attention_mask [2P, T], completion_mask [2P, C] over the
+    last C tokens (C == T: TRL DPOTrainer's full-length mask); ref_chosen_logps / ref_rejected_logps [P]
+    (sequence log-prob sums) for the reference-based kinds; consistency [P] for CREAM.
+    """
+
+    def __init__(self, *, kind: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, gamma: float = 0.5,
+                 sft_weight: float = 0.0, layout: str = "concatenated", ref_model: torch.nn.Module | None = None,
+                 temperature: float = 1.0):
+        check_choice("DPO", "kind", kind, KINDS)
+        check_choice("DPO", "layout", layout, ("concatenated", "interleaved"))
+        self.kind, self.ref_model, self.layout, self.temperature = kind, ref_model, layout, temperature
+        self.options = dict(kind=kind, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
+                            sft_weight=sft_weight, layout=layout, temperature=temperature)
+
+    def reference(self, batch: dict) -> tuple[Tensor | None, Tensor | None]:
+        """(ref_chosen_logps [P], ref_rejected_logps [P]) from the batch or the reference model."""
+        if self.kind in REFERENCE_FREE:
+            return None, None
+        if batch.get("ref_chosen_logps") is not None:
+            return require("DPO", batch, "ref_chosen_logps"), require("DPO", batch, "ref_rejected_logps")
+        if self.ref_model is None:
+            raise ValueError(f"hotloop.train.DPO: kind={self.kind!r} needs batch['ref_chosen_logps'] / "
+                             "['ref_rejected_logps'] or a `ref_model`")
+        per_token = ref_logps("DPO", self.ref_model, {k: v for k, v in batch.items() if k != "ref_logps"},
+                              "ref_logps", self.temperature)
+        sums = per_token.sum(1)
+        if self.layout == "interleaved":
+            return sums[0::2], sums[1::2]
+        return sums[: sums.shape[0] // 2], sums[sums.shape[0] // 2:]
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> Output:
+        """One preference loss over the pairs; loss.backward() reaches every parameter of `model`."""
+        ref_w, ref_l = self.reference(batch)
+        c = completions("DPO", model, batch)
+        if c.hidden.shape[0] % 2:
+            raise ValueError(f"hotloop.train.DPO: the batch must hold 2P rows (chosen and rejected), "
+                             f"got {c.hidden.shape[0]}")
+        with fused(c.hidden):
+            loss, metrics = linear_preference_loss(c.hidden, c.weight, c.labels, c.mask, ref_chosen_logps=ref_w,
+                                                   ref_rejected_logps=ref_l, consistency=batch.get("consistency"),
+                                                   bias=c.bias, **self.options)
+        return Output(loss, metrics)

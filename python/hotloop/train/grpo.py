@@ -1,0 +1,114 @@
+"""GRPO and its variants (DAPO, Dr.GRPO, BNPO, GSPO, RLOO) as one loss over a Hugging Face causal LM's batch:
+group-relative advantages (hotloop.group_advantages) and the clipped policy loss straight from the backbone's
+hidden states and the lm_head weight (hotloop.linear_policy_loss), so the [B, C, V] logits never exist.
+
+Options carry TRL GRPOConfig's names; the variants are settings of them:
+    GRPO (TRL's default)  loss_type="dapo"                    token mean over the batch
+    original GRPO         loss_type="grpo"                    mean over sequences of their token means
+    Dr.GRPO               loss_type="dr_grpo", scale_rewards="none"   Σ / (B · max_completion_length)
+    DAPO                  epsilon_high=0.28, mask_truncated_completions=True
+    GSPO                  importance_sampling_level="sequence"
+    RLOO                  advantage="rloo"
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hotloop.nn import LOSS_TYPES
+from hotloop.ops.group_advantages import group_advantages
+from hotloop.ops.linear_losses import linear_policy_loss
+from hotloop.train._backbone import Output, check_choice, completions, fused, ref_logps, require
+
+_SCALES = {"group": "group", "batch": "batch", "none": "none", True: "group", False: "none"}
+_ADVANTAGES = ("grpo", "rloo", "dr_grpo", "reinforce_pp_baseline")
+
+
+class GRPO:
+    """GRPO-family loss of a causal LM on a batch of sampled completions.
+
+    Args:
+        num_generations: G, responses per prompt, adjacent in the batch (TRL's layout); or give batch["group_ids"].
+        beta: KL coefficient against the reference (needs batch["ref_logps"] or `ref_model`); TRL default 0.
+        epsilon, epsilon_high: clip range [1 - epsilon, 1 + epsilon_high]; epsilon_high None = epsilon.
+        loss_type: "dapo" / "bnpo" (token mean), "grpo" (sequence mean of token means), "dr_grpo".
+        importance_sampling_level: "token" (PPO ratio per token) or "sequence" (GSPO).
+        scale_rewards: "group" (divide by the group's std), "batch" (by the batch std), "none"; True / False as TRL.
+        advantage: "grpo" (mean baseline, scaled per scale_rewards), "rloo" (leave-one-out), "dr_grpo"
+            (mean baseline, unscaled), "reinforce_pp_baseline".
+        temperature: sampling temperature; the logits are divided by it (TRL).
+        max_completion_length: L for dr_grpo (default: the batch's completion length C).
+        mask_truncated_completions: drop completions flagged batch["truncated"] [B] bool, or without
+            `eos_token_id` when no flags are given (DAPO's overlong filtering).
+        eos_token_id: see mask_truncated_completions.
+        kl: KL estimator "k1" / "k2" / "k3" (TRL: k3).  entropy_coef: entropy bonus weight.
+        ref_model: frozen reference model for the KL term when the batch has no ref_logps.
+        reward_eps: added to the std before dividing (TRL: 1e-4).
+        grad_filter_eps: opt-in gradient filtering of the fused op (0 = exact).
+
+    loss(model, batch): batch holds input_ids [B, P + C] (+ attention_mask) and completion_mask [B, C] over the
+    last C tokens, or TRL's prompt_ids / prompt_mask / completion_ids / completion_mask; rewards [B] (or
+    advantages [B] / [B, C]); optional group_ids [B], old_logps [B, C] (absent = on-policy, ratio 1),
+    ref_logps [B, C], truncated [B].
+    """
+
+    def __init__(self, *, num_generations: int | None = None, beta: float = 0.0, epsilon: float = 0.2,
+                 epsilon_high: float | None = None, loss_type: str = "dapo", importance_sampling_level: str = "token",
+                 scale_rewards: str | bool = "group", advantage: str = "grpo", temperature: float = 1.0,
+                 max_completion_length: int | None = None, mask_truncated_completions: bool = False,
+                 eos_token_id: int | None = None, kl: str = "k3", entropy_coef: float = 0.0,
+                 ref_model: torch.nn.Module | None = None, reward_eps: float = 1e-4, grad_filter_eps: float = 0.0):
+        check_choice("GRPO", "loss_type", loss_type, LOSS_TYPES)
+        check_choice("GRPO", "scale_rewards", scale_rewards, ("group", "batch", "none", True, False))
+        check_choice("GRPO", "advantage", advantage, _ADVANTAGES)
+        check_choice("GRPO", "importance_sampling_level", importance_sampling_level, ("token", "sequence"))
+        self.num_generations, self.beta, self.ref_model = num_generations, beta, ref_model
+        self.advantage, self.scale, self.reward_eps = advantage, _SCALES[scale_rewards], reward_eps
+        self.mask_truncated, self.eos_token_id, self.temperature = mask_truncated_completions, eos_token_id, temperature
+        self.options = dict(kl=kl, kl_coef=beta, clip_low=epsilon,
+                            clip_high=epsilon if epsilon_high is None else epsilon_high,
+                            importance=importance_sampling_level, agg=LOSS_TYPES[loss_type],
+                            max_length=max_completion_length, temperature=temperature, entropy_coef=entropy_coef,
+                            grad_filter_eps=grad_filter_eps)
+
+    def advantages(self, batch: dict) -> Tensor:
+        """Advantages [B] (or the batch's [B, C]): batch["advantages"] if given, else from batch["rewards"] over
+        the groups (batch["group_ids"] or num_generations adjacent responses)."""
+        if batch.get("advantages") is not None:
+            return require("GRPO", batch, "advantages")
+        rewards = require("GRPO", batch, "rewards")
+        groups = batch.get("group_ids")
+        if groups is None and self.num_generations is None:
+            raise ValueError("hotloop.train.GRPO: give `num_generations` or batch['group_ids'] to group the rewards")
+        kind = self.advantage
+        if kind == "grpo" and self.scale == "none":
+            kind = "dr_grpo"
+        return group_advantages(rewards.float(), group_size=None if groups is not None else self.num_generations,
+                                group_index=groups, kind=kind, scale=self.scale, eps=self.reward_eps)
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> Output:
+        """One GRPO loss over the batch; loss.backward() reaches every parameter of `model`."""
+        adv = self.advantages(batch)  # the batch's errors before any forward
+        if self.beta != 0.0 and batch.get("ref_logps") is None and self.ref_model is None:
+            raise ValueError("hotloop.train.GRPO: beta != 0 needs batch['ref_logps'] or a `ref_model`")
+        ref = ref_logps("GRPO", self.ref_model, batch, "ref_logps", self.temperature) if self.beta != 0.0 else None
+        c = completions("GRPO", model, batch)
+        mask = c.mask
+        if self.mask_truncated:
+            mask = mask * ~self._truncated(batch, c.labels, mask)[:, None]
+        with fused(c.hidden):
+            loss, metrics = linear_policy_loss(c.hidden, c.weight, c.labels, batch.get("old_logps"), adv, mask,
+                                               ref_logp=ref, bias=c.bias, **self.options)
+        if batch.get("rewards") is not None:
+            r = batch["rewards"].detach().float()
+            metrics["reward_mean"], metrics["reward_std"] = r.mean(), r.std() if r.numel() > 1 else r.new_zeros(())
+        metrics["completion_length"] = mask.sum(1).float().mean()
+        return Output(loss, metrics)
+
+    def _truncated(self, batch: dict, labels: Tensor, mask: Tensor) -> Tensor:
+        if batch.get("truncated") is not None:
+            return require("GRPO", batch, "truncated").bool()
+        if self.eos_token_id is None:
+            raise ValueError("hotloop.train.GRPO: mask_truncated_completions needs batch['truncated'] or "
+                             "`eos_token_id`")
+        return ~((labels == self.eos_token_id) & (mask != 0)).any(1)
