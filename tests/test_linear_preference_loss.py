@@ -40,8 +40,8 @@ def test_fused_equals_unfused(monkeypatch, kind, layout):
     fused = _run("cpu", monkeypatch, inputs, **kw)
     ref = _run("reference", monkeypatch, inputs, **kw)
     assert rel_err(fused[0], ref[0]) < 1e-5
-    for name in ref[1]:
-        assert rel_err(fused[1][name], ref[1][name]) < 1e-5, name
+    for name in ref[1]:  # metrics are means of O(1) terms that may cancel (a margin near 0): scale-relative
+        assert abs(fused[1][name].item() - ref[1][name].item()) < 1e-5 * max(1.0, abs(ref[1][name].item())), name
     for a, b in zip(fused[2], ref[2]):
         assert rel_err(a, b) < 1e-4
 
