@@ -84,6 +84,7 @@ def test_orpo_nll_is_trl_token_mean(monkeypatch):
     """ORPO = TRL's cross-entropy over all chosen tokens (one token mean, not a mean of per-pair means) minus
     β logσ(log-odds ratio) of the mean log-probs."""
     hidden, weight, bias, labels, mask, ref_w, ref_l = _inputs(3, 9, 16, 200)
+    mask[:, 1], labels[:, 1] = True, torch.randint(0, 200, (6,))  # ORPO needs a token: log(1 - e^0) = -inf
     loss, metrics, grads = _run("cpu", monkeypatch, (hidden, weight, bias, labels, mask, ref_w, ref_l),
                                 kind="orpo", beta=0.25)
     h, w, b = (t.double().requires_grad_() for t in (hidden, weight, bias))
