@@ -102,7 +102,7 @@ def bench_case(case: Case, dev: torch.device, timing: dict, with_compile: bool, 
             elems = s.numel()
             rec.gbps = (elems * 4 * 2 + t.numel() * 4) / (rec.ms * 1e-3) / 1e9
         except Exception as exc:  # noqa: BLE001
-            rec.correct, rec.note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rec.correct, rec.note = False, harness.error_note(exc)
         records.append(rec)
     specs = [{"case": case.name, "provider": r.provider} for r in records if r.provider != "compile"]
     mem = harness.peak_extra_bytes("benchmarks.bench_dino_loss", specs, fresh=fresh)
@@ -112,9 +112,7 @@ def bench_case(case: Case, dev: torch.device, timing: dict, with_compile: bool, 
             rec.peak_extra_mib = m / 2**20
         else:
             rec.note += f" memory probe: {m}"
-    base = next((r.ms for r in records if r.provider == "hotloop" and r.correct), None)
-    for r in records:
-        r.ratio = r.ms / base if base and r.ms else None
+    harness.set_ratios(records)
     return records
 
 
@@ -128,12 +126,10 @@ def main(argv=None) -> list[harness.Record]:
     for case in QUICK_CASES if args.quick else CASES:
         records += bench_case(case, dev, timing, args.compile, fresh=not args.quick)
     env = harness.env_info()
-    extra = {"bench": BENCH, "quick": args.quick, "n_global": N_GLOBAL, "tau_s": 0.1, "tau_t": 0.04,
+    extra = {"n_global": N_GLOBAL, "tau_s": 0.1, "tau_t": 0.04,
              "bytes_moved": "student read + gradient written + teacher read (fp32)",
              "peak_extra": "peak RSS / allocator growth of one fwd+bwd beyond the inputs (fresh process on CPU)"}
-    path = harness.write_results(BENCH + ("_quick" if args.quick else ""), records, env, args.out_dir, extra)
-    print(f"[{BENCH}] wrote {path}", file=sys.stderr)
-    return records
+    return harness.save_results(BENCH, records, env, args, extra)
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def time_providers(case: Case, dev: torch.device, timing: dict) -> tuple[list[ha
             rec.ms, rec.reps = harness.time_ms(call, dev, warmup=False, **timing)
             rec.gbps = bytes_moved(T, S, C) / (rec.ms * 1e-3) / 1e9
         except Exception as exc:  # noqa: BLE001
-            rec.correct, rec.note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rec.correct, rec.note = False, harness.error_note(exc)
         records.append(rec)
     return records, copy_bandwidth(T, dev)
 
@@ -139,9 +139,8 @@ def bench_case(case: Case, dev: torch.device, timing: dict, quick: bool) -> list
             rec.peak_extra_mib = m / 2**20
         else:
             rec.note += f" memory probe: {m}"
-    base = next((r.ms for r in records if r.provider == "hotloop" and r.correct), None)
+    harness.set_ratios(records)
     for r in records:
-        r.ratio = r.ms / base if base and r.ms else None
         r.note = (r.note + f" copy bandwidth {bw:.1f} GB/s").strip()
     return records
 
@@ -154,12 +153,9 @@ def main(argv=None) -> list[harness.Record]:
     for case in _cases(dev, args.quick):
         records += bench_case(case, dev, timing, args.quick)
     env = harness.env_info()
-    extra = {"bench": BENCH, "quick": args.quick, "decay": DECAY,
-             "bytes_moved": "target read + written (fp32), online read, bf16 copy written",
+    extra = {"decay": DECAY, "bytes_moved": "target read + written (fp32), online read, bf16 copy written",
              "peak_extra": "peak RSS / allocator growth of one update beyond the inputs"}
-    path = harness.write_results(BENCH + ("_quick" if args.quick else ""), records, env, args.out_dir, extra)
-    print(f"[{BENCH}] wrote {path}", file=sys.stderr)
-    return records
+    return harness.save_results(BENCH, records, env, args, extra)
 
 
 if __name__ == "__main__":

@@ -62,11 +62,9 @@ def main(argv=None) -> list[harness.Record]:
             rec.note = "exact" if eps == 0 else "rel err vs the exact gradients; ratio = exact ms / this ms"
             records.append(rec)
     env = harness.env_info()
-    extra = {"bench": BENCH, "quick": args.quick, "inputs": "LM-like: hidden towards the label row, Zipf bias"}
-    path = harness.write_results(BENCH + ("_quick" if args.quick else ""), records, env, args.out_dir, extra)
     print(harness.markdown_table(records))
-    print(f"[{BENCH}] wrote {path}", file=sys.stderr)
-    return records
+    return harness.save_results(BENCH, records, env, args,
+                                {"inputs": "LM-like: hidden towards the label row, Zipf bias"})
 
 
 if __name__ == "__main__":

@@ -141,11 +141,9 @@ def bench_case(case: Case, dev: torch.device, timing: dict) -> list[harness.Reco
             rec.ms, rec.reps = harness.time_ms(call, dev, warmup=False, **timing)
             rec.gbps = bytes_moved(case) / (rec.ms * 1e-3) / 1e9
         except Exception as exc:  # noqa: BLE001  (a failing provider is reported, the rest still run)
-            rec.correct, rec.note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rec.correct, rec.note = False, harness.error_note(exc)
         records.append(rec)
-    base = next((r.ms for r in records if r.provider == "hotloop" and r.correct), None)
-    for r in records:
-        r.ratio = r.ms / base if base and r.ms else None
+    harness.set_ratios(records)
     return records
 
 
@@ -162,12 +160,10 @@ def main(argv=None) -> list[harness.Record]:
     for case in QUICK_CASES if args.quick else CASES:
         records += bench_case(case, dev, timing)
     env = harness.env_info()
-    extra = {"bench": BENCH, "quick": args.quick, "kind": "grpo (scale group), eps 1e-6",
+    extra = {"kind": "grpo (scale group), eps 1e-6",
              "bytes_moved": "rewards read + advantages written (fp32), + int64 group ids for ragged",
              "peak_extra": "not measured (O(R) buffers only)"}
-    path = harness.write_results(BENCH + ("_quick" if args.quick else ""), records, env, args.out_dir, extra)
-    print(f"[{BENCH}] wrote {path}", file=sys.stderr)
-    return records
+    return harness.save_results(BENCH, records, env, args, extra)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def bench_case(case: Case, dev: torch.device, timing: dict, quick: bool) -> list
             if name == "hotloop":
                 rec.note += f"; backend {harness.hotloop_backend(BENCH, dev, ('reference', 'cpu', 'cuda'))}"
         except Exception as exc:  # noqa: BLE001  (a failing provider is reported, the rest still run)
-            rec.correct, rec.note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rec.correct, rec.note = False, harness.error_note(exc)
         del out
         records.append(rec)
     rec = harness.Record(BENCH, case.name, "fwd", "faiss")
@@ -174,9 +174,7 @@ def bench_case(case: Case, dev: torch.device, timing: dict, quick: bool) -> list
         rec.note = f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     records.append(rec)
 
-    base = next((r.ms for r in records if r.provider == "hotloop" and r.correct), None)
-    for r in records:
-        r.ratio = r.ms / base if base and r.ms else None
+    harness.set_ratios(records)
     specs = [{"case": dataclasses.asdict(case), "provider": r.provider} for r in records if r.provider in PROVIDERS]
     for r, got in zip([r for r in records if r.provider in PROVIDERS],
                       harness.peak_extra_bytes(MODULE, specs, fresh=not quick)):
@@ -198,11 +196,9 @@ def main(argv=None) -> list[harness.Record]:
         records += bench_case(case, dev, timing, args.quick)
     env = harness.env_info()
     env["versions"]["faiss-cpu"] = harness._version("faiss-cpu")
-    extra = {"bench": BENCH, "quick": args.quick, "cases": [dataclasses.asdict(c) for c in cases],
+    extra = {"cases": [dataclasses.asdict(c) for c in cases],
              "peak_extra": "peak RSS growth of one call beyond its inputs, fresh process (GPU: allocator peak)"}
-    path = harness.write_results(BENCH + ("_quick" if args.quick else ""), records, env, args.out_dir, extra)
-    print(f"[{BENCH}] wrote {path}", file=sys.stderr)
-    return records
+    return harness.save_results(BENCH, records, env, args, extra)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,7 @@ hotloop_logprobs (hotloop.linear_token_logprobs), so each peer is compared with 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Callable
 
@@ -312,7 +309,7 @@ def bench_one(p: Provider, mode: str, case: Case, inputs, ref: dict, dev, timing
         else:
             rec.ms, rec.reps = harness.time_ms(call, dev, warmup=p.compiles, budget_s=timing["budget_s"])
     except Exception as exc:  # noqa: BLE001  (a failing provider is reported, the rest still run)
-        rec.correct, rec.note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        rec.correct, rec.note = False, harness.error_note(exc)
         return rec
     notes = []
     if rec.correct is False:
@@ -355,19 +352,13 @@ def bench_case(case: Case, modes: list[str], providers: list[Provider], dev, tim
 
 
 def measure_memory(records: list[harness.Record], cases: list[Case], quick: bool, big: bool) -> None:
+    """Probe every timed row but the slow case's (those only with --big-memory: each probe re-runs the call)."""
     slow = {c.name for c in cases if c.slow}
-    todo = [r for r in records if r.ms is not None and (big or r.case not in slow)]
     for r in records:
         if r.ms is not None and not (big or r.case not in slow):
             r.note = (r.note + "; " if r.note else "") + "memory not probed (slow case: --big-memory)"
-    print(f"[{BENCH}] memory: {len(todo)} probes in {'one' if quick else 'fresh'} subprocess(es)",
-          file=sys.stderr, flush=True)
-    specs = [{"case": r.case, "mode": r.mode, "provider": r.provider} for r in todo]
-    for r, got in zip(todo, harness.peak_extra_bytes(MODULE, specs, fresh=not quick, timeout_s=1800)):
-        if isinstance(got, str):
-            r.note = (r.note + "; " if r.note else "") + f"memory probe failed: {got[:120]}"
-        else:
-            r.peak_extra_mib = got / 2**20
+    harness.measure_memory(BENCH, MODULE, [r for r in records if big or r.case not in slow],
+                           ("case", "mode", "provider"), quick=quick, timeout_s=1800)
 
 
 def dense_mm_tflops(dev: torch.device) -> float | None:
@@ -399,9 +390,7 @@ def parse_args(argv):
 def main(argv=None) -> list[harness.Record]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     dev = harness.device()
-    cases = QUICK_CASES if args.quick else (GPU_CASES if dev.type == "cuda" else CPU_CASES)
-    if args.cases:
-        cases = [c for c in cases if any(s in c.name for s in args.cases.split(","))]
+    cases = harness.select_cases(args, QUICK_CASES, GPU_CASES if dev.type == "cuda" else CPU_CASES)
     modes = args.modes.split(",") if args.modes else list(MODES)
     names = args.providers.split(",") if args.providers else [p.name for p in PROVIDERS
                                                               if p.in_quick or not args.quick]
@@ -413,12 +402,7 @@ def main(argv=None) -> list[harness.Record]:
     if timing["mm_tflops"]:
         print(f"[{BENCH}] dense bf16 mm 8192x4096x8192: {timing['mm_tflops']:.0f} TFLOPS", file=sys.stderr)
 
-    # a private inductor cache: compile times are cold compiles, and the memory probes (children inherit the
-    # variable) reuse the kernels; restored afterwards so the next bench in the same run.py picks its own
-    saved_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    cache = tempfile.mkdtemp(prefix="hotloop-bench-inductor-")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-    try:
+    with harness.private_inductor_cache():
         records, t0 = [], time.perf_counter()
         for case in cases:
             records += bench_case(case, modes, providers, dev, timing)
@@ -428,27 +412,17 @@ def main(argv=None) -> list[harness.Record]:
         t2 = time.perf_counter()
         print(f"[{BENCH}] timing {t1 - t0:.0f} s, memory probes {t2 - t1:.0f} s, total {t2 - t0:.0f} s",
               file=sys.stderr)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-        if saved_cache is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved_cache
 
     env = harness.env_info()
     env["versions"].update({d: harness._version(d) for d in ("cut-cross-entropy", "verl")})
-    extra = {"bench": BENCH, "quick": args.quick, "hotloop_backend": harness.hotloop_backend(BENCH, dev, ("reference", "cpu", "triton")),
+    extra = {"hotloop_backend": harness.hotloop_backend(BENCH, dev, ("reference", "cpu", "triton")),
              "wall_s": {"timing": round(t1 - t0, 1), "memory": round(t2 - t1, 1)},
              "dense_bf16_mm_tflops": timing["mm_tflops"],
              "useful_flops": "2*N*H*V (fwd), 6*N*H*V (fwdbwd); hotloop's backward logit recompute not counted",
              "reference": "float32 materialised logits; grads of logprobs.sum() + entropy.sum() (logprobs.sum() "
                           "for logprob-only providers) w.r.t. hidden and weight",
-             "peak_extra": ("cuda allocator peak minus allocated before the call" if dev.type == "cuda"
-                            else "VmHWM - VmRSS around one call in a fresh subprocess, after a warm-up call")
-             + "; fwdbwd includes the returned d_weight [V, H]"}
-    path = harness.write_results(BENCH + ("_quick" if args.quick else ""), records, env, args.out_dir, extra)
-    print(f"[{BENCH}] wrote {path}", file=sys.stderr)
-    return records
+             "peak_extra": harness.peak_extra_method(dev) + "; fwdbwd includes the returned d_weight [V, H]"}
+    return harness.save_results(BENCH, records, env, args, extra)
 
 
 if __name__ == "__main__":

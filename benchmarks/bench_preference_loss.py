@@ -30,19 +30,15 @@ noise (REF_NOISE of its scale); the reference log-probs are its float32 sums ove
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import shutil
-import sys
-import tempfile
-import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
+from benchmarks.fused_loss_driver import (FusedLossBench, Loss, Provider, materialised_logp, row_blocks,
+                                          selective_log_softmax)
 
 BENCH = "preference_loss"
 MODULE = "benchmarks.bench_preference_loss"  # import path for the memory-probe child (not __main__)
@@ -50,8 +46,6 @@ BETA = 0.1        # TRL's and Liger's default
 PROMPT = 64       # prompt tokens at the start of each row, masked out
 REF_NOISE = 0.2   # reference lm_head = weight + REF_NOISE * (weight-scale noise)
 IGNORE = -100     # Liger's ignore_index
-# (hidden [2P, T, H], weight [V, H]) leaves -> loss []; the call differentiates it w.r.t. both
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +67,6 @@ BF16, FP32 = torch.bfloat16, torch.float32
 CPU_CASES = [_case(4, 256, 1024, 32000, dt) for dt in (BF16, FP32)]
 GPU_CASES = [_case(8, 2048, 4096, 128256, BF16)]
 QUICK_CASES = [_case(2, 16, 32, 100, FP32)]
-ALL_CASES = CPU_CASES + GPU_CASES + QUICK_CASES
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -90,23 +83,6 @@ class Inputs:
     ref_weight: torch.Tensor    # [V, H] model dtype: the reference policy's lm_head (Liger recomputes from it)
     ref_chosen: torch.Tensor    # [P] float32 reference sequence log-prob sums
     ref_rejected: torch.Tensor  # [P]
-
-
-def _row_blocks(n: int, v: int):
-    """Row ranges of at most 2^26 logits: the reference never holds a whole [N, V] float64 block at GPU sizes."""
-    rows = max(1, (1 << 26) // v)
-    return [(s, min(s + rows, n)) for s in range(0, n, rows)]
-
-
-@torch.no_grad()
-def materialised_logp(hidden2d, weight, labels1d, dt: torch.dtype) -> torch.Tensor:
-    """log_softmax(hidden @ weight.T)[label] in `dt`, [N]."""
-    w = weight.to(dt)
-    out = torch.empty(hidden2d.shape[0], dtype=dt, device=hidden2d.device)
-    for s, e in _row_blocks(hidden2d.shape[0], w.shape[0]):
-        z = F.linear(hidden2d[s:e].to(dt), w)
-        out[s:e] = z.gather(-1, labels1d[s:e, None]).squeeze(-1) - torch.logsumexp(z, -1)
-    return out
 
 
 def _lm_head_like(v: int, h: int, dtype, gen, dev, scale: float = 1.0, base: torch.Tensor | None = None):
@@ -156,7 +132,7 @@ def reference(x: Inputs, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, t
     g = (torch.autograd.grad(loss, s)[0][:, None] * m).view(-1)
     d_h, d_w = torch.empty_like(h), torch.zeros_like(w)
     with torch.no_grad():
-        for s0, e in _row_blocks(R * T, w.shape[0]):
+        for s0, e in row_blocks(R * T, w.shape[0]):
             dz = torch.softmax(F.linear(h[s0:e], w), -1).mul_(-g[s0:e, None])
             dz[torch.arange(e - s0, device=dz.device), labels[s0:e]] += g[s0:e]
             d_h[s0:e] = dz @ w
@@ -165,23 +141,13 @@ def reference(x: Inputs, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 # ---------------------------------------------------------------------------------------------------- providers
-def _selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """TRL's selective_log_softmax (torch path): loops over batch rows to bound the temporaries."""
-    if logits.dtype in (torch.float32, torch.float64):
-        picked = logits.gather(-1, index[..., None]).squeeze(-1)
-        return picked - torch.stack([torch.logsumexp(row, -1) for row in logits])
-    # TRL: logsumexp is unstable in bf16, so a log_softmax per row (the result stays in the logits' dtype)
-    return torch.stack([F.log_softmax(row, -1).gather(-1, ids[:, None]).squeeze(-1)
-                        for row, ids in zip(logits, index)])
-
-
 def make_trl(x: Inputs) -> Loss:
     keep = x.mask.bool()
     labels = x.labels.masked_fill(~keep, 0)  # TRL: labels[~loss_mask] = 0, then their log-probs zeroed
 
     def trl_materialised(hidden, weight):
         logits = F.linear(hidden, weight)  # [2P, T, V] in the model dtype, as the HF model returns
-        logp = _selective_log_softmax(logits, labels).masked_fill(~keep, 0)
+        logp = selective_log_softmax(logits, labels).masked_fill(~keep, 0)
         return dpo_sigmoid(logp.sum(-1), x)
 
     return trl_materialised
@@ -238,16 +204,6 @@ def make_hotloop(x: Inputs) -> Loss:
     return hot
 
 
-@dataclasses.dataclass(frozen=True)
-class Provider:
-    name: str
-    make: Callable[[Inputs], Loss]
-    unavailable: Callable[[], str | None] = lambda: None  # -> reason, or None when usable
-    compiles: bool = False    # first call is a compile: reported as compile_ms, never counted as a timing
-    in_quick: bool = True     # part of the --quick smoke run (compiling takes too long for it)
-    bf16_caveat: str = ""     # why its bf16 results miss the tolerance by design (said in the note)
-
-
 _LIGER = harness.importable("liger_kernel.chunked_loss.dpo_loss")
 PROVIDERS = [
     Provider("trl_materialised", make_trl, bf16_caveat="TRL's log-probs and their sums stay bf16 (a sum near -1e3 "
@@ -257,145 +213,13 @@ PROVIDERS = [
     Provider("liger_compiled", _make_liger(compiled=True), _LIGER, compiles=True, in_quick=False),
     Provider("hotloop", make_hotloop, harness.importable("hotloop.ops.linear_preference_loss")),
 ]
-BY_NAME = {p.name: p for p in PROVIDERS}
-
-
-# --------------------------------------------------------------------------------------------------- the calls
-def make_call(p: Provider, x: Inputs) -> Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Zero-argument forward + backward of `p` -> (loss, d_hidden, d_weight)."""
-    f = p.make(x)
-    # leaves of their own over the shared storage; autograd.grad returns the gradients without touching .grad
-    h, w = x.hidden.detach().requires_grad_(True), x.weight.detach().requires_grad_(True)
-
-    def forward_backward():
-        loss = f(h, w)
-        return (loss.detach(), *torch.autograd.grad(loss, (h, w)))
-
-    return forward_backward
-
-
-def probe_call(spec: dict) -> Callable[[], object]:
-    """Memory-probe entry (harness.peak_extra_bytes): rebuilds the inputs and the call in a fresh process."""
-    case = next(c for c in ALL_CASES if c.name == spec["case"])
-    return make_call(BY_NAME[spec["provider"]], make_inputs(case, harness.device()))
-
-
-# ------------------------------------------------------------------------------------------------------- driver
-def bench_one(p: Provider, case: Case, x: Inputs, ref, dev, budget_s: float) -> harness.Record:
-    rec = harness.Record(BENCH, case.name, "fwdbwd", p.name)
-    rec.note = p.unavailable() or ""
-    if rec.note:
-        return rec
-    try:
-        call = make_call(p, x)
-        first_ms, out = harness.time_first_call_ms(call, dev)  # pristine state: the call that gets checked
-        rec.max_rel_err = max(harness.rel_err(o, r) for o, r in zip(out, ref))
-        rec.correct = rec.max_rel_err < tolerance(case.dtype)
-        del out
-        if p.compiles:
-            rec.compile_ms = first_ms
-        else:  # what a user feels on the first step: no compile warm-up expected
-            rec.note = f"first call {first_ms:.0f} ms"
-        rec.ms, rec.reps = harness.time_ms(call, dev, warmup=p.compiles, budget_s=budget_s)
-    except Exception as exc:  # noqa: BLE001  (a failing provider is reported, the rest still run)
-        rec.correct, rec.note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        return rec
-    if not rec.correct:
-        caveat = p.bf16_caveat if case.dtype == torch.bfloat16 else ""
-        rec.note = "; ".join(filter(None, [rec.note, f"WRONG: rel err above {tolerance(case.dtype):g}", caveat]))
-    return rec
-
-
-def bench_case(case: Case, providers: list[Provider], dev, budget_s: float) -> list[harness.Record]:
-    t0 = time.perf_counter()
-    x = make_inputs(case, dev)
-    ref = reference(x, torch.float64 if case.dtype == torch.float32 else torch.float32)
-    print(f"[{BENCH}] {case.name} inputs + reference {time.perf_counter() - t0:.1f} s, "
-          f"{x.mask.mean().item():.0%} of tokens in completions", file=sys.stderr, flush=True)
-    records = []
-    for p in providers:
-        t0 = time.perf_counter()
-        records.append(bench_one(p, case, x, ref, dev, budget_s))
-        print(f"[{BENCH}] {case.name} {p.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    base = next((r.ms for r in records if r.provider == "hotloop" and r.correct), None)
-    for r in records:
-        r.ratio = r.ms / base if base and r.ms else None
-    return records
-
-
-def measure_memory(records: list[harness.Record], quick: bool) -> None:
-    todo = [r for r in records if r.ms is not None]
-    print(f"[{BENCH}] memory: {len(todo)} probes in {'one' if quick else 'fresh'} subprocess(es)",
-          file=sys.stderr, flush=True)
-    specs = [{"case": r.case, "provider": r.provider} for r in todo]
-    for r, got in zip(todo, harness.peak_extra_bytes(MODULE, specs, fresh=not quick)):
-        if isinstance(got, str):
-            r.note = (r.note + "; " if r.note else "") + f"memory probe failed: {got[:120]}"
-        else:
-            r.peak_extra_mib = got / 2**20
-
-
-@contextlib.contextmanager
-def private_inductor_cache():
-    """A fresh inductor cache: compile times are cold compiles, and the memory probes (children inherit the
-    variable) reuse the kernels; restored afterwards so the next bench in the same run.py picks its own."""
-    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    cache = tempfile.mkdtemp(prefix="hotloop-bench-inductor-")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-    try:
-        yield
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
-        if saved is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
-
-
-def parse_args(argv):
-    ap = harness.arg_parser(__doc__, "tiny shapes, fast providers: a CI smoke test")
-    ap.add_argument("--cases", help="comma-separated substrings of case names, e.g. bf16")
-    ap.add_argument("--providers", help=f"comma-separated, from {','.join(BY_NAME)} (hotloop always runs: it is "
-                                        "the ratios' baseline)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    return harness.parse_bench_args(ap, argv)
-
-
-def main(argv=None) -> list[harness.Record]:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    dev = harness.device()
-    cases = QUICK_CASES if args.quick else (GPU_CASES if dev.type == "cuda" else CPU_CASES)
-    if args.cases:
-        cases = [c for c in cases if any(s in c.name for s in args.cases.split(","))]
-    names = args.providers.split(",") if args.providers else [p.name for p in PROVIDERS
-                                                              if p.in_quick or not args.quick]
-    providers = [BY_NAME[n] for n in names if n in BY_NAME and n != "hotloop"] + [BY_NAME["hotloop"]]
-    budget_s = 0.05 if args.quick else 1.0  # full: ~1 s of repeats per row, at least 3
-
-    with private_inductor_cache():
-        records, t0 = [], time.perf_counter()
-        for case in cases:
-            records += bench_case(case, providers, dev, budget_s)
-        t1 = time.perf_counter()
-        if not args.no_memory:
-            measure_memory(records, args.quick)
-        t2 = time.perf_counter()
-    print(f"[{BENCH}] timing {t1 - t0:.0f} s, memory probes {t2 - t1:.0f} s", file=sys.stderr)
-
-    env = harness.env_info()
-    extra = {"bench": BENCH, "quick": args.quick,
-             "hotloop_backend": harness.hotloop_backend("linear_preference_loss", dev),
-             "wall_s": {"timing": round(t1 - t0, 1), "memory": round(t2 - t1, 1)},
-             "loss": f"sigmoid DPO, beta {BETA}, sequence log-prob sums over the completion tokens, mean over pairs; "
-                     "concatenated layout; forward + backward to d_hidden and d_weight",
-             "reference": "materialised logits in float32 (float64 for float32 inputs); loss and gradients "
-                          "compared as ||got - ref|| / ||ref||, the largest of the three recorded",
-             "peak_extra": ("cuda allocator peak minus allocated before the call" if dev.type == "cuda"
-                            else "VmHWM - VmRSS around one call in a fresh subprocess, after a warm-up call")
-             + "; includes the returned d_hidden and d_weight"}
-    path = harness.write_results(BENCH + ("_quick" if args.quick else ""), records, env, args.out_dir, extra)
-    print(f"[{BENCH}] wrote {path}", file=sys.stderr)
-    return records
+DRIVER = FusedLossBench(
+    BENCH, MODULE, __doc__, PROVIDERS, CPU_CASES, GPU_CASES, QUICK_CASES, make_inputs, reference, tolerance,
+    op="linear_preference_loss", mask_share="of tokens in completions", first_call_note=True,
+    loss=f"sigmoid DPO, beta {BETA}, sequence log-prob sums over the completion tokens, mean over pairs; "
+         "concatenated layout; forward + backward to d_hidden and d_weight")
+probe_call = DRIVER.probe_call  # memory-probe entry (harness.peak_extra_bytes)
+main = DRIVER.main              # -> records; run.py calls it with its argv
 
 
 if __name__ == "__main__":

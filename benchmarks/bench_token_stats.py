@@ -7,10 +7,7 @@ provider's forward (logprobs, entropy) and gradient are checked against before i
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import sys
-import tempfile
 import time
 from typing import Callable
 
@@ -202,7 +199,7 @@ def bench_one(p: Provider, mode: str, case: Case, logits, labels, ref, dev, **ti
         # after a compile the next call may still warm up; everyone else is warm after the checked call
         rec.ms, rec.reps = harness.time_ms(call, dev, warmup=p.name == "compile", **timing)
     except Exception as exc:  # noqa: BLE001  (a failing provider is reported, the rest still run)
-        rec.correct, rec.note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        rec.correct, rec.note = False, harness.error_note(exc)
         return rec, None
     rec.gbps = bytes_moved(case, mode) / (rec.ms * 1e-3) / 1e9
     if rec.correct is False:
@@ -226,23 +223,9 @@ def bench_case(case: Case, modes: list[str], providers: list[Provider], dev, tim
                 del out
                 mode_recs.append(rec)
         del ref
-        base = next((r.ms for r in mode_recs if r.provider == "hotloop" and r.correct), None)
-        for r in mode_recs:
-            r.ratio = r.ms / base if base and r.ms else None
+        harness.set_ratios(mode_recs)
         records += mode_recs
     return records
-
-
-def measure_memory(records: list[harness.Record], quick: bool) -> None:
-    todo = [r for r in records if r.ms is not None]
-    print(f"[{BENCH}] memory: {len(todo)} probes in {'one' if quick else 'fresh'} subprocess(es)",
-          file=sys.stderr, flush=True)
-    specs = [{"case": r.case, "mode": r.mode, "provider": r.provider} for r in todo]
-    for r, got in zip(todo, harness.peak_extra_bytes(MODULE, specs, fresh=not quick)):
-        if isinstance(got, str):
-            r.note = (r.note + "; " if r.note else "") + f"memory probe failed: {got[:120]}"
-        else:
-            r.peak_extra_mib = got / 2**20
 
 
 def parse_args(argv):
@@ -257,9 +240,7 @@ def parse_args(argv):
 def main(argv=None) -> list[harness.Record]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     dev = harness.device()
-    cases = QUICK_CASES if args.quick else CASES
-    if args.cases:
-        cases = [c for c in cases if any(s in c.name for s in args.cases.split(","))]
+    cases = harness.select_cases(args, QUICK_CASES, CASES)
     modes = args.modes.split(",") if args.modes else list(MODES)
     names = args.providers.split(",") if args.providers else [p.name for p in PROVIDERS
                                                               if p.in_quick or not args.quick]
@@ -267,29 +248,21 @@ def main(argv=None) -> list[harness.Record]:
     # quick: a few repeats; full: harness defaults (~1 s of repeats per row, at least 3)
     timing = {"budget_s": 0.05} if args.quick else {}
 
-    # a private inductor cache: compile times are cold compiles, and the memory probes reuse the kernels
-    cache = tempfile.mkdtemp(prefix="hotloop-bench-inductor-")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-    try:
+    with harness.private_inductor_cache():
         records, t0 = [], time.perf_counter()
         for case in cases:
             records += bench_case(case, modes, providers, dev, timing)
         t1 = time.perf_counter()
         if not args.no_memory:
-            measure_memory(records, args.quick)
+            harness.measure_memory(BENCH, MODULE, records, ("case", "mode", "provider"), quick=args.quick)
         print(f"[{BENCH}] timing {t1 - t0:.0f} s, memory probes {time.perf_counter() - t1:.0f} s",
               file=sys.stderr)
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
 
     env = harness.env_info()
-    extra = {"bench": BENCH, "quick": args.quick, "hotloop_backend": harness.hotloop_backend(BENCH, dev),
+    extra = {"hotloop_backend": harness.hotloop_backend(BENCH, dev),
              "bytes_moved": "logits read once (+ gradient written once for fwdbwd)",
-             "peak_extra": "cuda allocator peak minus allocated before the call" if dev.type == "cuda"
-             else "VmHWM - VmRSS around one call in a fresh subprocess, after a warm-up call"}
-    path = harness.write_results(BENCH + ("_quick" if args.quick else ""), records, env, args.out_dir, extra)
-    print(f"[{BENCH}] wrote {path}", file=sys.stderr)
-    return records
+             "peak_extra": harness.peak_extra_method(dev)}
+    return harness.save_results(BENCH, records, env, args, extra)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def _selective_log_softmax():
     try:
         from trl.trainer.utils import selective_log_softmax
     except ImportError:  # the torch path TRL ships, for a machine without trl
-        from benchmarks.bench_policy_loss import _selective_log_softmax as selective_log_softmax
+        from benchmarks.fused_loss_driver import selective_log_softmax
     return selective_log_softmax
 
 
@@ -224,7 +224,7 @@ def bench_case(case: Case, providers: list[Provider], dev, rounds: int) -> list[
                 rec.note = f"WRONG: rel err above {tolerance(case.dtype):g}"
             calls[p.name] = (rec, call)
         except Exception as exc:  # noqa: BLE001  (reported; the other providers still run)
-            rec.correct, rec.note = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rec.correct, rec.note = False, harness.error_note(exc)
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, (_, call) in calls.items():
@@ -236,9 +236,7 @@ def bench_case(case: Case, providers: list[Provider], dev, rounds: int) -> list[
     for name, (rec, _) in calls.items():
         rec.ms, rec.reps = statistics.median(times[name]) * 1e3, rounds
     print(f"[{BENCH}] {case.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    base = next((r.ms for r in records if r.provider == "hotloop" and r.correct), None)
-    for r in records:
-        r.ratio = r.ms / base if base and r.ms else None
+    harness.set_ratios(records)
     return records
 
 
@@ -254,9 +252,7 @@ def parse_args(argv):
 def main(argv=None) -> list[harness.Record]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     dev = harness.device()
-    cases = QUICK_CASES if args.quick else (GPU_CASES if dev.type == "cuda" else CPU_CASES)
-    if args.cases:
-        cases = [c for c in cases if any(s in c.name for s in args.cases.split(","))]
+    cases = harness.select_cases(args, QUICK_CASES, GPU_CASES if dev.type == "cuda" else CPU_CASES)
     names = args.providers.split(",") if args.providers else [p.name for p in PROVIDERS]
     providers = [BY_NAME[n] for n in names if n in BY_NAME and n != "hotloop"] + [BY_NAME["hotloop"]]
     rounds = 1 if args.quick else args.rounds
@@ -265,23 +261,14 @@ def main(argv=None) -> list[harness.Record]:
         records += bench_case(case, providers, dev, rounds)
     t1 = time.perf_counter()
     if not args.no_memory:
-        todo = [r for r in records if r.ms is not None]
-        specs = [{"case": r.case, "provider": r.provider} for r in todo]
-        for r, got in zip(todo, harness.peak_extra_bytes(MODULE, specs, fresh=not args.quick)):
-            if isinstance(got, str):
-                r.note = (r.note + "; " if r.note else "") + f"memory probe failed: {got[:120]}"
-            else:
-                r.peak_extra_mib = got / 2**20
+        harness.measure_memory(BENCH, MODULE, records, quick=args.quick, announce=False)
     t2 = time.perf_counter()
     env = harness.env_info()
-    extra = {"bench": BENCH, "quick": args.quick, "wall_s": {"timing": round(t1 - t0, 1), "memory": round(t2 - t1, 1)},
+    extra = {"wall_s": {"timing": round(t1 - t0, 1), "memory": round(t2 - t1, 1)},
              "step": "zero_grad, backbone forward, GRPO loss (dapo, on-policy, beta 0), backward to every parameter",
-             "peak_extra": ("cuda allocator peak minus allocated before the call" if dev.type == "cuda"
-                            else "VmHWM - VmRSS around one step in a fresh subprocess, after a warm-up step")
+             "peak_extra": harness.peak_extra_method(dev, "step")
              + "; includes activations and the parameter gradients"}
-    path = harness.write_results(BENCH + ("_quick" if args.quick else ""), records, env, args.out_dir, extra)
-    print(f"[{BENCH}] wrote {path}", file=sys.stderr)
-    return records
+    return harness.save_results(BENCH, records, env, args, extra)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ inflate another's peak.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -17,9 +18,11 @@ import importlib.metadata
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -139,6 +142,32 @@ def parse_bench_args(ap: argparse.ArgumentParser, argv) -> argparse.Namespace:
     return ap.parse_known_args(argv)[0]  # known-args: run.py hands every bench the same argv
 
 
+def select_cases(args: argparse.Namespace, quick_cases: list, full_cases: list) -> list:
+    """quick_cases with --quick, else full_cases; narrowed by --cases (comma-separated substrings of case names)
+    where the module has that option."""
+    cases = quick_cases if args.quick else full_cases
+    if getattr(args, "cases", None):
+        cases = [c for c in cases if any(s in c.name for s in args.cases.split(","))]
+    return cases
+
+
+@contextlib.contextmanager
+def private_inductor_cache():
+    """A fresh inductor cache: compile times are cold compiles, and the memory probes (children inherit the
+    variable) reuse the kernels; restored afterwards so the next bench in the same run.py picks its own."""
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    cache = tempfile.mkdtemp(prefix="hotloop-bench-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        yield
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -255,6 +284,30 @@ def peak_extra_bytes(module: str, specs: list[dict], *, fresh: bool = True, time
     return results
 
 
+def measure_memory(bench: str, module: str, records: list[Record], keys: tuple[str, ...] = ("case", "provider"), *,
+                   quick: bool, timeout_s: float = 600, announce: bool = True) -> None:
+    """Set peak_extra_mib on each timed record (ms not None) through `peak_extra_bytes`; a failed probe is added
+    to the record's note instead. `keys`: the record fields that make the spec `module`.probe_call receives.
+    quick: all probes in one child (CPU), else a fresh child each; announce: say how many on stderr first."""
+    todo = [r for r in records if r.ms is not None]
+    if announce:
+        print(f"[{bench}] memory: {len(todo)} probes in {'one' if quick else 'fresh'} subprocess(es)",
+              file=sys.stderr, flush=True)
+    specs = [{k: getattr(r, k) for k in keys} for r in todo]
+    for r, got in zip(todo, peak_extra_bytes(module, specs, fresh=not quick, timeout_s=timeout_s)):
+        if isinstance(got, str):
+            r.note = (r.note + "; " if r.note else "") + f"memory probe failed: {got[:120]}"
+        else:
+            r.peak_extra_mib = got / 2**20
+
+
+def peak_extra_method(dev: torch.device, call: str = "call") -> str:
+    """How measure_memory measured on `dev`, for the results' "peak_extra" field (`call`: what one call is)."""
+    if dev.type == "cuda":
+        return "cuda allocator peak minus allocated before the call"
+    return f"VmHWM - VmRSS around one {call} in a fresh subprocess, after a warm-up {call}"
+
+
 def _probe_main(arg: str) -> None:
     req = json.loads(arg)
     mod = importlib.import_module(req["module"])
@@ -284,6 +337,20 @@ class Record:
     correct: bool | None = None        # forward (and gradient) within tolerance of torch eager fp32
     max_rel_err: float | None = None
     note: str = ""                     # why unavailable / failed, or a caveat
+
+
+def error_note(exc: BaseException) -> str:
+    """A failed provider's note: the exception type and the first line of its message (at most 120 characters)."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:120] if lines else ''}"
+
+
+def set_ratios(records: list[Record], baseline: str = "hotloop") -> None:
+    """ratio = ms / the baseline provider's ms among `records` (one case and mode); None where a time is missing
+    or the baseline's result was wrong."""
+    base = next((r.ms for r in records if r.provider == baseline and r.correct), None)
+    for r in records:
+        r.ratio = r.ms / base if base and r.ms else None
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -319,6 +386,16 @@ def write_results(name: str, records: list[Record], env: dict, out_dir: Path | s
     (folder / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     (folder / f"{name}.md").write_text(f"# {name}\n\n{header_lines(env)}\n\n{markdown_table(records)}\n")
     return folder / f"{name}.json"
+
+
+def save_results(bench: str, records: list[Record], env: dict, args: argparse.Namespace, extra: dict
+                 ) -> list[Record]:
+    """The end of a bench module's main: write_results as <bench>[_quick] under --out-dir, the JSON's fields
+    "bench" and "quick" first, then `extra`; say where on stderr. -> records (main's return value)."""
+    path = write_results(bench + ("_quick" if args.quick else ""), records, env, args.out_dir,
+                         {"bench": bench, "quick": args.quick, **extra})
+    print(f"[{bench}] wrote {path}", file=sys.stderr)
+    return records
 
 
 if __name__ == "__main__":
