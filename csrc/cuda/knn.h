@@ -28,20 +28,10 @@
 #include <stdint.h>
 #include <cuda_runtime.h>
 
+#include "dtype_codes.h"
+
 #ifdef __cplusplus
 extern "C" {
-#endif
-
-#ifndef HOTLOOP_DTYPE_CODES_DEFINED
-#define HOTLOOP_DTYPE_CODES_DEFINED
-/* Element type codes shared by hotloop's C ABIs. */
-enum {
-  HOTLOOP_DTYPE_FLOAT32 = 0,
-  HOTLOOP_DTYPE_BFLOAT16 = 1,
-  HOTLOOP_DTYPE_FLOAT16 = 2,
-  HOTLOOP_DTYPE_INT32 = 3,
-  HOTLOOP_DTYPE_INT64 = 4
-};
 #endif
 
 enum { HOTLOOP_KNN_L2 = 0, HOTLOOP_KNN_IP = 1, HOTLOOP_KNN_COSINE = 2 };
