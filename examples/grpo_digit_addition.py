@@ -48,15 +48,20 @@ def reward(completion: list[int], answer: int) -> tuple[float, bool]:
     return 0.5 * sum(hits), all(hits)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def grpo_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the GRPO examples (this one and grpo_memory_novelty.py)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--prompts", type=int, default=16, help="prompts per step")
     ap.add_argument("--generations", type=int, default=8, help="completions per prompt (the GRPO group)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--fast", action="store_true", help="a few small steps (for tests)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
-    args = ap.parse_args()
+    return ap
+
+
+def grpo_setup(args: argparse.Namespace):
+    """Seeded prompt generator, tiny Llama, AdamW and the DAPO-style hotloop.train.GRPO loss of a GRPO example."""
     if args.fast:
         args.steps, args.prompts, args.generations = 3, 4, 4
     torch.manual_seed(0)
@@ -64,6 +69,12 @@ def main() -> None:
     model = tiny_llama()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     grpo = hotloop.train.GRPO(num_generations=args.generations, loss_type="dapo", epsilon_high=0.28)
+    return g, model, opt, grpo
+
+
+def main() -> None:
+    args = grpo_parser(__doc__).parse_args()
+    g, model, opt, grpo = grpo_setup(args)
     history = {"reward": [], "exact-match accuracy": [], "loss": []}
     bar, t0 = progress(args.steps, "GRPO"), time.time()
     for _ in bar:

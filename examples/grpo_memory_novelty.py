@@ -7,7 +7,6 @@ against the early collapse onto one ones-digit. Writes examples/out/grpo_memory_
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -15,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import hotloop
-from _common import EOS, VOCAB, plot, progress, tiny_llama
-from grpo_digit_addition import ANSWER_LEN, prompts, reward, sample
+from _common import EOS, VOCAB, plot, progress
+from grpo_digit_addition import ANSWER_LEN, grpo_parser, grpo_setup, prompts, reward, sample
 
 
 def embed(prompt_ids: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
@@ -26,23 +25,11 @@ def embed(prompt_ids: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--generations", type=int, default=8)
+    ap = grpo_parser(__doc__)
     ap.add_argument("--bonus", type=float, default=0.2, help="weight of the novelty reward")
     ap.add_argument("--capacity", type=int, default=2048, help="memory slots (the last ~16 steps' completions)")
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--fast", action="store_true", help="a few small steps (for tests)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args()
-    if args.fast:
-        args.steps, args.prompts, args.generations = 3, 4, 4
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    model = tiny_llama()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    grpo = hotloop.train.GRPO(num_generations=args.generations, loss_type="dapo", epsilon_high=0.28)
+    g, model, opt, grpo = grpo_setup(args)
     memory = hotloop.EpisodicMemory(4 * VOCAB, args.capacity, metric="l2")
     history = {"task reward": [], "novelty bonus": [], "exact-match accuracy": []}
     bar, t0 = progress(args.steps, "GRPO+novelty"), time.time()
