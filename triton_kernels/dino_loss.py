@@ -55,6 +55,16 @@ def _dino_teacher_kernel(
 
 
 @triton.jit
+def _other_teachers(q_ptr, B, K, NG, v, b, k, mask, BLOCK: tl.constexpr, acc: tl.constexpr):
+    """Σ over the global crops i != v of image b's teacher softmax at columns k (crop v's target mass)."""
+    r = tl.zeros((BLOCK,), acc)
+    for i in range(0, NG):
+        if i != v:
+            r += tl.load(q_ptr + (i * B + b) * K + k, mask=mask, other=0.0)
+    return r
+
+
+@triton.jit
 def _dino_student_kernel(
     s_ptr,  # [n_crops * B, K] student outputs, contiguous
     q_ptr,  # [n_global * B, K] teacher softmaxes from _dino_teacher_kernel
@@ -76,10 +86,7 @@ def _dino_student_kernel(
         k = k0 + tl.arange(0, BLOCK)
         mask = k < K
         x = tl.load(s_ptr + base + k, mask=mask, other=0.0).to(acc) * inv_tau
-        r = tl.zeros((BLOCK,), acc)
-        for i in range(0, NG):
-            if i != v:
-                r += tl.load(q_ptr + (i * B + b) * K + k, mask=mask, other=0.0)
+        r = _other_teachers(q_ptr, B, K, NG, v, b, k, mask, BLOCK, acc)
         dot += r * x
         x = tl.where(mask, x, float("-inf"))
         m_new = tl.maximum(m, x)
@@ -94,10 +101,7 @@ def _dino_student_kernel(
             k = k0 + tl.arange(0, BLOCK)
             mask = k < K
             x = tl.load(s_ptr + base + k, mask=mask, other=0.0).to(acc) * inv_tau
-            r = tl.zeros((BLOCK,), acc)
-            for i in range(0, NG):
-                if i != v:
-                    r += tl.load(q_ptr + (i * B + b) * K + k, mask=mask, other=0.0)
+            r = _other_teachers(q_ptr, B, K, NG, v, b, k, mask, BLOCK, acc)
             g = (m_v * tl.exp(x - lse) - r) * gscale
             tl.store(g_ptr + base + k, g.to(g_ptr.dtype.element_ty), mask=mask)
 
