@@ -72,6 +72,21 @@ def grpo_setup(args: argparse.Namespace):
     return g, model, opt, grpo
 
 
+def grpo_step(model, opt, grpo, prompt_ids: torch.Tensor, completion: torch.Tensor, rewards: torch.Tensor):
+    """One optimiser step of hotloop.train.GRPO on sampled completions; -> its Output (loss, metrics)."""
+    # the completion mask covers the tokens up to and including an early <eos>
+    ended = (completion == EOS).cumsum(1)
+    completion_mask = ((ended == 0) | ((ended == 1) & (completion == EOS))).long()
+    batch = {"input_ids": torch.cat([prompt_ids, completion], 1), "completion_mask": completion_mask,
+             "rewards": rewards}
+    model.train()
+    out = grpo.loss(model, batch)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    opt.step()
+    return out
+
+
 def main() -> None:
     args = grpo_parser(__doc__).parse_args()
     g, model, opt, grpo = grpo_setup(args)
@@ -85,16 +100,7 @@ def main() -> None:
         completion = sample(model, prompt_ids, ANSWER_LEN)
         scored = [reward(c, a) for c, a in zip(completion.tolist(), answers)]
         rewards = torch.tensor([r for r, _ in scored])
-        # the completion mask covers the tokens up to and including an early <eos>
-        ended = (completion == EOS).cumsum(1)
-        completion_mask = ((ended == 0) | ((ended == 1) & (completion == EOS))).long()
-        batch = {"input_ids": torch.cat([prompt_ids, completion], 1), "completion_mask": completion_mask,
-                 "rewards": rewards}
-        model.train()
-        out = grpo.loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
+        out = grpo_step(model, opt, grpo, prompt_ids, completion, rewards)
         acc = sum(ok for _, ok in scored) / len(scored)
         history["reward"].append(rewards.mean().item())
         history["exact-match accuracy"].append(acc)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import hotloop
-from _common import EOS, VOCAB, plot, progress
-from grpo_digit_addition import ANSWER_LEN, grpo_parser, grpo_setup, prompts, reward, sample
+from _common import VOCAB, plot, progress
+from grpo_digit_addition import ANSWER_LEN, grpo_parser, grpo_setup, grpo_step, prompts, reward, sample
 
 
 def embed(prompt_ids: torch.Tensor, completion: torch.Tensor) -> torch.Tensor:
@@ -46,15 +46,7 @@ def main() -> None:
         # times among its k neighbours: capped at 1, the bonus is 1 for a new (prompt, answer), 1 / sqrt(n) after
         novelty = hotloop.novelty_reward(memory, keys, k=8).clamp(max=1.0)
         memory.add(keys)
-        ended = (completion == EOS).cumsum(1)
-        batch = {"input_ids": torch.cat([prompt_ids, completion], 1),
-                 "completion_mask": ((ended == 0) | ((ended == 1) & (completion == EOS))).long(),
-                 "rewards": task + args.bonus * novelty}
-        model.train()
-        out = grpo.loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
+        grpo_step(model, opt, grpo, prompt_ids, completion, task + args.bonus * novelty)
         acc = sum(ok for _, ok in scored) / len(scored)
         history["task reward"].append(task.mean().item())
         history["novelty bonus"].append(args.bonus * novelty.mean().item())
