@@ -46,6 +46,31 @@ def test_fused_equals_unfused(monkeypatch, kind, layout):
         assert rel_err(a, b) < 1e-4
 
 
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "orpo", "cream", "apo_down"])
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
+@pytest.mark.parametrize("pairs_per_chunk", [1, 2, 0], ids=["1pair", "2pairs", "fallback"])
+def test_cpu_one_pass_in_pair_chunks(monkeypatch, kind, layout, pairs_per_chunk):
+    """The one-pass CPU path over chunks of whole pairs (others hold placeholders), and its two-pass fallback when a
+    pair does not fit the buffer, equal the reference composition; tiles of a few columns on top."""
+    from hotloop.cpu import linear_loss, vocab_tiles
+
+    P, T, V = 4, 9, 300
+    inputs = _inputs(P, T, 16, V)
+    inputs[4][1, :] = False  # a sequence with no completion token: its pair still gets its gradient
+    kw = dict(kind=kind, layout=layout, sft_weight=0.2, consistency=torch.rand(P) if kind == "cream" else None)
+    ref = _run("reference", monkeypatch, inputs, **kw)
+    monkeypatch.setattr(vocab_tiles, "TILE_COLS", 64)
+    # a pair has at most 2 (T - 1) tokens; 0 pairs per chunk = a budget below one pair
+    rows = 2 * (T - 1) * pairs_per_chunk if pairs_per_chunk else T - 2
+    monkeypatch.setattr(linear_loss, "CHUNK_BYTES", rows * V * 4)
+    fused = _run("cpu", monkeypatch, inputs, **kw)
+    assert rel_err(fused[0], ref[0]) < 1e-5
+    for name in ref[1]:
+        assert abs(fused[1][name].item() - ref[1][name].item()) < 1e-5 * max(1.0, abs(ref[1][name].item())), name
+    for a, b in zip(fused[2], ref[2]):
+        assert rel_err(a, b) < 1e-4
+
+
 def test_dpo_against_float64(monkeypatch):
     inputs = _inputs(4, 12, 24, 300)
     loss, metrics, grads = _run("cpu", monkeypatch, inputs, beta=0.2)

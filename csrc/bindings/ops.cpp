@@ -22,6 +22,9 @@ TORCH_LIBRARY(hotloop, m) {
   m.def("token_stats_bwd_cpu(Tensor(a!) grad_logits, Tensor? grad_logprobs, Tensor? grad_entropy, "
         "Tensor? grad_self_certainty, Tensor logits, Tensor labels, Tensor lse, Tensor? entropy, float temperature, "
         "int ignore_index, int vocab_offset=0, int vocab_total=0) -> ()");
+  // dst [r, c] = src^T (accumulate: dst += src^T), src [c, r]; unit stride along the last dims. dtypes equal, or
+  // bfloat16 / float16 src into a float32 dst. The fused linear paths' d_weight tiles (cpu/transpose.h).
+  m.def("transpose_add_cpu(Tensor(a!) dst, Tensor src, bool accumulate) -> ()");
   // Group-relative advantages (SPEC §3). rewards [R] contiguous float; exactly one of group_size > 0 (fixed
   // groups of adjacent responses, R % group_size == 0) and group_index [R] int32/int64 in [0, R) (ragged).
   // kind: grpo | dr_grpo | rloo | reinforce_pp_baseline | passk; scale (grpo): group | batch | none.

@@ -1,74 +1,115 @@
-"""Fused linear RL losses on CPU in one pass over the logits: forward, loss gradient and backward per token block.
+"""Fused linear losses on CPU in one pass over the logits: forward, loss gradient and backward per chunk of tokens.
 
-For a token-local loss (policy / NFT loss with a per-token ratio) each token's d loss / d logp needs only that
-token, so a block of tokens is finished while its logits are in the buffer:
-    z = h_blk @ W^T (+ b)                         one matmul (oneDNN / BLAS) into a reusable [rows, V] buffer
-    token_stats_fwd_cpu(z) -> logp, entropy, lse  C++ kernel, one pass over the rows
-    terms.grads_at(logp) -> d loss / d logp       the loss kernel on the block's tokens
-    token_stats_bwd_cpu(z) -> G in place          C++ kernel: d loss / d logits
-    d_h[blk] = G W;  d_W += G^T h_blk;  d_b += sum G
-Three matmuls per block where a forward + recomputing backward needs four. The [N, V] logits never exist; the
+When a loss's gradient for a chunk of tokens needs only that chunk (a token-local policy / NFT loss; the pairs of a
+DPO-family loss, chunked pair by pair), the chunk is finished while its logits are in the buffer:
+    z = h_chunk @ W^T (+ b)        per vocabulary tile (hotloop.cpu.vocab_tiles) into a reusable [rows, V] buffer
+    token_stats_fwd_cpu(z)         C++ kernel per tile, statistics merged exactly -> logp, entropy, lse
+    chunk_grads(logp, entropy)     the loss's d loss / d logp (and d loss / d entropy) for the chunk's tokens
+    token_stats_bwd_cpu(z)         C++ kernel per tile: d loss / d logits, in place
+    d_h[chunk] = G W;  d_W += G^T h_chunk;  d_b += sum G
+Three matmuls per tile where a forward + recomputing backward needs four. The [N, V] logits never exist; the
 buffer holds about CHUNK_BYTES of them. Rows whose mask is 0 are dropped before any matmul.
-d_W is accumulated in the weight's dtype across blocks (as Liger's chunked losses do): exact to float32 for float32
-weights; a bf16 / fp16 weight gradient is rounded once per block (blocks are as large as the buffer allows, so a
+d_W is accumulated in the weight's dtype across chunks (as Liger's chunked losses do): exact to float32 for float32
+weights; a bf16 / fp16 weight gradient is rounded once per chunk (chunks are as large as the buffer allows, so a
 few roundings: the error is measured in the tests).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-from hotloop.cpu.linear_token_stats import CHUNK_BYTES, _live_columns, _matmul_into
+from hotloop.cpu import vocab_tiles
+from hotloop.cpu.linear_token_stats import CHUNK_BYTES, _filtered_block, _live_columns
+from hotloop.cpu.vocab_tiles import RowStats, add_grad_products, matmul_into, transposed_for_grads
 
 IGNORE = -100
+
+# (positions of the chunk's tokens, their logp [n], their entropy [n] | None) -> (d loss / d logp [n],
+# d loss / d entropy [n] | None); the callback also gathers whatever its loss needs for the value and metrics.
+ChunkGrads = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
+
+
+def chunk_rows(V: int, elt: int) -> int:
+    """Tokens per chunk: as many [V] logit rows as CHUNK_BYTES holds (at least one)."""
+    return max(1, CHUNK_BYTES // (V * elt))
+
+
+def token_chunks(kept: Tensor, rows: int) -> list[Tensor]:
+    """The kept positions in consecutive chunks of at most `rows` (token-local losses: any split will do)."""
+    return [kept[i:i + rows] for i in range(0, kept.numel(), rows)]
+
+
+def one_pass_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
+                         chunks: list[Tensor], chunk_grads: ChunkGrads, entropy: bool, need_hidden: bool,
+                         need_weight: bool, need_bias: bool, grad_filter_eps: float = 0.0
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """hidden [N, H], weight [V, H], bias [V] | None, labels [N] (valid ids at every chunk position), chunks of
+    positions (disjoint; the rows outside them get zero gradient) -> (d_hidden [N, H] | [0], d_weight [V, H] | [0],
+    d_bias [V] | [0]) in the inputs' dtypes. grad_filter_eps > 0: see linear_token_stats._live_columns."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    tiles = vocab_tiles.vocab_tiles(V)
+    buf = hidden.new_empty(max((c.numel() for c in chunks), default=0) * V)
+    filtering = grad_filter_eps > 0
+    d_h = hidden.new_zeros((N, H)) if need_hidden else hidden.new_empty(0)
+    d_w = (torch.zeros_like(weight) if filtering or not chunks else torch.empty_like(weight)) if need_weight \
+        else weight.new_empty(0)
+    d_b = hidden.new_zeros(V, dtype=acc) if need_bias else hidden.new_empty(0)
+    for k, pos in enumerate(chunks):
+        n = pos.numel()
+        h_c, lab = hidden.index_select(0, pos), labels.index_select(0, pos)
+        h_t = transposed_for_grads(h_c) if need_weight else None
+        stats = RowStats(lab, acc, entropy, False)
+        zs = []
+        for v0, v1 in tiles:  # tile t of the chunk's logits: buf[n*v0 : n*v1] as [n, v1 - v0]
+            z = matmul_into(buf[n * v0: n * v1].view(n, v1 - v0), h_c, weight[v0:v1].t(),
+                            None if bias is None else bias[v0:v1])
+            stats.add_tile(z, v0, temperature)
+            zs.append(z)
+        lp, ent, _, lse = stats.outputs(V)
+        g_lp, g_ent = chunk_grads(pos, lp, ent)
+        d_h_c = hidden.new_zeros((n, H), dtype=acc) if need_hidden else None
+        for (v0, v1), z in zip(tiles, zs):
+            z3 = z.unsqueeze(0)
+            live = _live_columns(z, lse, lab, v0, temperature, grad_filter_eps)
+            torch.ops.hotloop.token_stats_bwd_cpu(
+                z3, g_lp.unsqueeze(0), None if g_ent is None else g_ent.unsqueeze(0), None, z3, lab.unsqueeze(0),
+                lse.unsqueeze(0), None if g_ent is None else ent.unsqueeze(0), temperature, IGNORE, v0, V)
+            if need_bias:
+                d_b[v0:v1] += z.sum(0, dtype=acc)
+            d_w_rows = d_w[v0:v1] if need_weight else None
+            if live is not None:
+                _filtered_block(z, live, h_c, weight[v0:v1], d_h_c, d_w_rows, accumulate=True)
+            else:
+                add_grad_products(z, h_c, h_t, weight[v0:v1], d_h_c, d_w_rows, accumulate=filtering or k > 0)
+        if need_hidden:
+            d_h.index_copy_(0, pos, d_h_c.to(d_h.dtype))
+    return d_h, d_w, d_b.to(bias.dtype) if need_bias else d_b
 
 
 def fused_linear_loss_cpu(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
                           terms, entropy_coef: float, need_hidden: bool, need_weight: bool, need_bias: bool,
                           grad_filter_eps: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """hidden [N, H], labels [N] (IGNORE where the mask is 0) -> (loss [], sums, entropy sum under the mask [],
-    d_hidden [N, H] | [0], d_weight [V, H] | [0], d_bias [V] | [0]). grad_filter_eps > 0: vocabulary columns where no
-    token of the block has softmax probability >= it (nor its label) skip the gradient matmuls (approximation)."""
-    N, H = hidden.shape
-    V = weight.shape[0]
+    """A token-local policy / NFT loss (PolicyTerms / NFTTerms) with an entropy bonus.
+    hidden [N, H], labels [N] (IGNORE where the mask is 0) -> (loss [], sums, entropy sum under the mask [],
+    d_hidden [N, H] | [0], d_weight [V, H] | [0], d_bias [V] | [0])."""
     acc = terms.dt
     kept = (labels != IGNORE).nonzero().squeeze(1)
-    rows = max(1, min(kept.numel(), CHUNK_BYTES // (V * hidden.element_size())))
-    buf = hidden.new_empty(rows * V)
-    w_t = weight.t()
-    d_h = hidden.new_zeros((N, H)) if need_hidden else hidden.new_empty(0)
-    d_w = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
-    d_b = hidden.new_zeros(V, dtype=acc) if need_bias else hidden.new_empty(0)
-    loss = hidden.new_zeros((), dtype=acc)
-    ent_sum = hidden.new_zeros((), dtype=acc)
-    sums = None
-    for i0 in range(0, kept.numel(), rows):
-        pos = kept[i0:i0 + rows]
-        h_blk, lab = hidden.index_select(0, pos), labels.index_select(0, pos)
-        z = _matmul_into(buf[: pos.numel() * V].view(pos.numel(), V), h_blk, w_t, bias)
-        z3 = z.unsqueeze(0)
-        lp, ent, _, lse = torch.ops.hotloop.token_stats_fwd_cpu(z3, lab.unsqueeze(0), temperature, IGNORE,
-                                                                True, False)
-        g_lp, s = terms.grads_at(lp.reshape(-1), pos)
-        w_blk = terms.w_agg.index_select(0, pos)  # the entropy bonus's weights
-        ent = ent.reshape(-1)
-        loss = loss + s[0] - entropy_coef * (w_blk * ent).sum()
-        ent_sum = ent_sum + (terms.m.index_select(0, pos) * ent).sum()
-        sums = s if sums is None else sums + s
-        g_ent = (-entropy_coef * w_blk).unsqueeze(0) if entropy_coef != 0.0 else None
-        live = _live_columns(z, lse.reshape(-1), lab, 0, temperature, grad_filter_eps)
-        torch.ops.hotloop.token_stats_bwd_cpu(z3, g_lp.unsqueeze(0), g_ent, None, z3, lab.unsqueeze(0), lse,
-                                              ent.unsqueeze(0), temperature, IGNORE)
-        if need_bias:
-            d_b += z.sum(0, dtype=acc)
-        g_blk, w_blk = (z, weight) if live is None else (z.index_select(1, live), weight.index_select(0, live))
-        if need_hidden:
-            d_h.index_copy_(0, pos, torch.mm(g_blk, w_blk))
-        if need_weight:
-            if live is None:
-                d_w.addmm_(z.t(), h_blk)
-            else:
-                d_w.index_add_(0, live, torch.mm(g_blk.t(), h_blk))
-    if sums is None:  # every token masked out
-        sums = hidden.new_zeros(terms.num_sums, dtype=acc)
-    return (loss, sums, ent_sum, d_h, d_w, d_b.to(bias.dtype) if need_bias else d_b)
+    totals = {"loss": hidden.new_zeros((), dtype=acc), "ent": hidden.new_zeros((), dtype=acc),
+              "sums": hidden.new_zeros(terms.num_sums, dtype=acc)}
+
+    def chunk_grads(pos: Tensor, lp: Tensor, ent: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        g_lp, s = terms.grads_at(lp, pos)
+        w = terms.w_agg.index_select(0, pos)  # the entropy bonus's weights
+        totals["loss"] += s[0] - entropy_coef * (w * ent).sum()
+        totals["ent"] += (terms.m.index_select(0, pos) * ent).sum()
+        totals["sums"] += s
+        return g_lp, (-entropy_coef * w if entropy_coef != 0.0 else None)
+
+    chunks = token_chunks(kept, chunk_rows(weight.shape[0], hidden.element_size()))
+    d_h, d_w, d_b = one_pass_linear_loss(hidden, weight, bias, labels, temperature, chunks, chunk_grads, True,
+                                         need_hidden, need_weight, need_bias, grad_filter_eps)
+    return totals["loss"], totals["sums"], totals["ent"], d_h, d_w, d_b

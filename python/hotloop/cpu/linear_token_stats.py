@@ -1,14 +1,15 @@
 """Fused linear log-probs on CPU: BLAS over cache-sized blocks of logits + the token_stats C++ kernels.
 
 The [N, V] logits never exist; one reusable buffer of about CHUNK_BYTES does.
-Both passes go over vocabulary blocks of Vb columns, all tokens at once when [N, Vb] fits the buffer (token
-chunks inside otherwise), so the matmul packs each weight block once.
+Both passes go over vocabulary tiles (hotloop.cpu.vocab_tiles: at most TILE_COLS columns, the matmul shape oneDNN
+runs fastest), all tokens at once when [N, tile] fits the buffer (token chunks inside otherwise), so the matmul
+packs each weight tile once.
 Forward: per block, logits = h @ W[block]^T (+ b) into the buffer (oneDNN / BLAS), token_stats_fwd_cpu on it,
   and the block's (lse, entropy, mean) merged into the rows' running totals.
 Backward: per block: recompute logits, overwrite them with their gradient G (token_stats_bwd_cpu with the
-  block's column offset), then d_W[block] = G^T h (one matmul, one rounding), d_h += G W[block] (float32
-  accumulator), d_b[block] = sum G. Going block by block over the vocabulary makes each d_W block final in one
-  matmul, so a bf16 weight gradient is rounded once, as in the materialised path.
+  block's column offset), then d_W[block] = G^T h (one matmul, one rounding; see vocab_tiles.add_grad_products),
+  d_h += G W[block] (float32 accumulator), d_b[block] = sum G. Going block by block over the vocabulary makes each
+  d_W block final in one matmul, so a bf16 weight gradient is rounded once, as in the materialised path.
 bf16 / fp16 logits are rounded to the input dtype by the matmul, exactly as `F.linear` does in the materialised
 path; float32 input is float32 throughout.
 Rows whose label is ignore_index are dropped before any matmul: padding (often a third of an RL batch) costs
@@ -21,6 +22,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from hotloop.cpu import vocab_tiles
+from hotloop.cpu.vocab_tiles import RowStats, add_grad_products, matmul_into, transposed_for_grads
 
 
 def _l3_bytes() -> int | None:
@@ -38,12 +42,6 @@ def _l3_bytes() -> int | None:
 # The logits buffer: about the last-level cache, so a block is still in cache when the kernel and the gradient
 # matmuls read it back (32 MiB on the benchmark machine); bounded for odd or missing cache reports.
 CHUNK_BYTES = min(64 << 20, max(8 << 20, _l3_bytes() or (32 << 20)))
-
-
-def _matmul_into(out: Tensor, a: Tensor, b_t: Tensor, bias: Tensor | None) -> Tensor:
-    if bias is None:
-        return torch.mm(a, b_t, out=out)
-    return torch.addmm(bias, a, b_t, out=out)
 
 
 def _kept_rows(labels: Tensor, ignore_index: int) -> Tensor | None:
@@ -78,51 +76,31 @@ def linear_token_stats_fwd_cpu(hidden: Tensor, weight: Tensor, bias: Tensor | No
 
 
 def _block_shape(N: int, V: int, elt: int) -> tuple[int, int]:
-    """(token rows, vocabulary columns) of one logits block of about CHUNK_BYTES.
-
-    Vocabulary blocks take every token when they can: a block's weight rows are then packed by the matmul once
-    in all, where token chunks would re-pack the whole [V, H] weight for each chunk (the cost that dominates
-    skinny matmuls on CPU). Blocks stay at least 256 columns wide; very many tokens are chunked instead.
-    """
-    cols = min(V, max(256, CHUNK_BYTES // max(1, N * elt)))
+    """(token rows, vocabulary columns) of one logits block: a vocabulary tile (or less, when [N, tile] would
+    pass CHUNK_BYTES), all tokens when they fit. A block's weight rows are then packed by the matmul once in
+    all, where token chunks would re-pack the whole [V, H] weight for each chunk (the cost that dominates skinny
+    matmuls on CPU). Blocks stay at least 256 columns wide; very many tokens are chunked instead."""
+    cols = min(V, vocab_tiles.TILE_COLS, max(256, CHUNK_BYTES // max(1, N * elt)))
     rows = max(1, min(N, CHUNK_BYTES // (cols * elt)))
     return rows, cols
 
 
 def _fwd(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty):
-    """Vocabulary blocks outermost; each block's statistics from the C++ kernel are merged exactly:
-    lse = logaddexp over blocks, E[z'] (entropy = lse - E[z']) weighted by exp(lse_b - lse), sum z' added up,
-    z'[y] taken from the block that holds y."""
+    """Vocabulary tiles outermost; the C++ kernel's statistics of each tile merged exactly (RowStats)."""
     N, V = hidden.shape[0], weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     rows, cols = _block_shape(N, V, hidden.element_size())
     buf = hidden.new_empty(rows * cols)
-    lse = hidden.new_full((N,), float("-inf"), dtype=acc)
-    mean_z = hidden.new_zeros(N, dtype=acc)  # E[z'] under the softmax of the blocks seen so far
-    sum_z = hidden.new_zeros(N, dtype=acc)
-    z_label = hidden.new_zeros(N, dtype=acc)
-    for v0 in range(0, V, cols):
-        v1 = min(V, v0 + cols)
+    stats = RowStats(labels, acc, entropy, self_certainty)
+    for v0, v1 in vocab_tiles.vocab_tiles(V, cols):
         w_t, b_blk = weight[v0:v1].t(), None if bias is None else bias[v0:v1]
-        in_block = (labels >= v0) & (labels < v1)
-        local = (labels - v0).clamp(0, v1 - v0 - 1)  # any column will do where y is elsewhere
         for i0 in range(0, N, rows):
             i1 = min(N, i0 + rows)
-            z = _matmul_into(buf[: (i1 - i0) * (v1 - v0)].view(i1 - i0, v1 - v0), hidden[i0:i1], w_t, b_blk)
-            b_lp, b_ent, b_sc, b_lse = (t.reshape(-1) for t in torch.ops.hotloop.token_stats_fwd_cpu(
-                z.unsqueeze(0), local[i0:i1].unsqueeze(0), temperature, ignore_index, entropy, self_certainty))
-            new_lse = torch.logaddexp(lse[i0:i1], b_lse)
-            if entropy:
-                w_old, w_blk = torch.exp(lse[i0:i1] - new_lse), torch.exp(b_lse - new_lse)
-                blk_mean = torch.where(w_blk > 0, w_blk * (b_lse - b_ent), 0.0)  # a block of -inf adds nothing
-                mean_z[i0:i1] = torch.where(w_old > 0, w_old * mean_z[i0:i1], 0.0) + blk_mean
-            if self_certainty:  # the kernel's sc = lse_b - mean_b(z') - log(width)
-                sum_z[i0:i1] += (v1 - v0) * (b_lse - b_sc - math.log(v1 - v0))
-            z_label[i0:i1] = torch.where(in_block[i0:i1], b_lp + b_lse, z_label[i0:i1])
-            lse[i0:i1] = new_lse
+            z = matmul_into(buf[: (i1 - i0) * (v1 - v0)].view(i1 - i0, v1 - v0), hidden[i0:i1], w_t, b_blk)
+            stats.add_tile(z, v0, temperature, slice(i0, i1))
+    lp, ent, sc, lse = stats.outputs(V)
     empty = lambda: hidden.new_empty(0, dtype=acc)  # noqa: E731  (outputs of a custom op may not alias)
-    return (z_label - lse, lse - mean_z if entropy else empty(),
-            lse - sum_z / V - math.log(V) if self_certainty else empty(), lse)
+    return lp, empty() if ent is None else ent, empty() if sc is None else sc, lse
 
 
 def _rows(t: Tensor | None, i0: int, i1: int) -> Tensor | None:
@@ -181,9 +159,9 @@ def _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias,
     d_w = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     d_b = hidden.new_zeros(V, dtype=acc) if need_bias else hidden.new_empty(0)
     d_w_block = weight.new_zeros((cols, H), dtype=acc) if need_weight and rows < N else None
+    h_t = transposed_for_grads(hidden) if need_weight else None
 
-    for v0 in range(0, V, cols):
-        v1 = min(V, v0 + cols)
+    for v0, v1 in vocab_tiles.vocab_tiles(V, cols):
         w_blk = weight[v0:v1]
         b_blk = None if bias is None else bias[v0:v1]
         if d_w_block is not None:
@@ -191,7 +169,7 @@ def _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias,
         for i0 in range(0, N, rows):
             i1 = min(N, i0 + rows)
             h_c = hidden[i0:i1]
-            g = _matmul_into(buf[: (i1 - i0) * (v1 - v0)].view(i1 - i0, v1 - v0), h_c, w_blk.t(), b_blk)
+            g = matmul_into(buf[: (i1 - i0) * (v1 - v0)].view(i1 - i0, v1 - v0), h_c, w_blk.t(), b_blk)
             g3 = g.unsqueeze(0)
             live = _live_columns(g, lse[i0:i1], labels[i0:i1], v0, temperature, filter_eps)
             torch.ops.hotloop.token_stats_bwd_cpu(
@@ -200,23 +178,14 @@ def _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias,
                 ignore_index, v0, V)
             if need_bias:
                 d_b[v0:v1] += g.sum(0, dtype=acc)
+            d_w_rows = (d_w[v0:v1] if d_w_block is None else d_w_block[: v1 - v0]) if need_weight else None
             if live is not None:
-                _filtered_block(g, live, h_c, w_blk, d_h[i0:i1] if need_hidden else None,
-                                (d_w[v0:v1] if d_w_block is None else d_w_block[: v1 - v0]) if need_weight else None,
+                _filtered_block(g, live, h_c, w_blk, d_h[i0:i1] if need_hidden else None, d_w_rows,
                                 accumulate=d_w_block is not None)
                 continue
-            if need_hidden:  # a partial over this block's columns, summed in float32
-                if d_h.dtype == g.dtype:
-                    d_h[i0:i1].addmm_(g, w_blk)
-                else:
-                    d_h[i0:i1] += torch.mm(g, w_blk)
-            if need_weight:
-                if d_w_block is None:
-                    torch.mm(g.t(), h_c, out=d_w[v0:v1])
-                elif d_w_block.dtype == g.dtype:
-                    d_w_block[: v1 - v0].addmm_(g.t(), h_c)
-                else:
-                    d_w_block[: v1 - v0] += torch.mm(g.t(), h_c)
+            # d_h: a partial over this block's columns, summed in float32
+            add_grad_products(g, h_c, None if h_t is None else h_t[:, i0:i1], w_blk,
+                              d_h[i0:i1] if need_hidden else None, d_w_rows, accumulate=d_w_block is not None)
         if d_w_block is not None:
             d_w[v0:v1] = d_w_block[: v1 - v0]
     return (d_h.to(hidden.dtype) if need_hidden else d_h, d_w,

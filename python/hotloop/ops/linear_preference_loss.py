@@ -1,11 +1,15 @@
 """DPO-family losses straight from the last hidden states: both sides' sequence log-probs from hidden @ lm_head,
 the pair loss, and the gradients of hidden / weight / bias, without the [N, V] logits (SPEC §2 + §6).
 
-A pair loss needs whole-sequence sums before any token's gradient is known, so this is the two-pass scheme:
-the fused linear log-prob kernels' forward over every token (no gradient kept), the per-sequence sums and token
-counts, hotloop.preference_loss on them (its gradient w.r.t. each sequence's log-prob), each token's gradient
-(the sequence's, times its mask), then the kernels' backward with it: d_hidden, d_weight, d_bias in the forward,
-attached to the loss (hotloop::attach_grads). Chosen and rejected sequences share one batch.
+A pair's loss needs its two whole-sequence sums before any of its tokens' gradients is known. Every kind here is a
+mean of per-pair terms (plus an NLL term linear in the chosen sums), so a pair's gradient needs only that pair:
+  CPU  one pass over chunks of whole pairs (hotloop.cpu.linear_loss): a chunk's logits stay in the buffer while its
+       sums, its pairs' loss gradient and its logits' gradient are computed; three matmuls per vocabulary tile.
+       A pair too long for the buffer falls back to the two-pass scheme.
+  two-pass (GPU, long pairs)  the fused linear log-prob kernels' forward over every token (no gradient kept), the
+       per-sequence sums, hotloop.preference_loss on them, each token's gradient (its sequence's, times its mask),
+       then the kernels' backward with it (the logits recomputed).
+d_hidden, d_weight, d_bias are made in the forward and attached to the loss (hotloop::attach_grads).
 """
 from __future__ import annotations
 
@@ -116,21 +120,96 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, mask:
     flat_labels = labels_eff.reshape(-1).contiguous()
     need = [torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     with torch.no_grad():
-        lp, _, _, lse = torch.ops.hotloop.linear_token_stats_fwd(
-            h2.detach(), w.detach(), None if b is None else b.detach(), flat_labels, temperature, IGNORE, False,
-            False, 0.0, backend)
-        m = float_mask(_OP, mask, lp.dtype)
-        s = layout_rows.row_sum(lp * m)
+        m = float_mask(_OP, mask, torch.float64 if hidden.dtype == torch.float64 else torch.float32).reshape(-1)
         lengths = layout_rows.row_sum(m)
-    s = s.requires_grad_()
-    with torch.enable_grad():
-        loss, metrics = _pair_objective(s, lengths, layout, average_log_prob, sft_weight, kw)
-        g_seq, = torch.autograd.grad(loss, s)
-    loss = loss.detach()
-    with torch.no_grad():
-        g_tok = layout_rows.per_token(g_seq) * m
-        d_h, d_w, d_b = torch.ops.hotloop.linear_token_stats_bwd(
-            g_tok, None, None, h2.detach(), w.detach(), None if b is None else b.detach(), flat_labels, lse, None,
-            temperature, IGNORE, need[0], need[1], need[2] and b is not None, 0.0, backend)
+        chunks = _pair_chunks(layout_rows, flat_labels, layout, w.shape[0], h2.element_size()) \
+            if backend == "cpu" else None
+        if chunks is not None:
+            loss, metrics, d_h, d_w, d_b = _one_pass(h2.detach(), w.detach(), None if b is None else b.detach(),
+                                                     flat_labels, temperature, m, lengths, layout_rows, chunks,
+                                                     layout, average_log_prob, sft_weight, kw, need)
+        else:
+            loss, metrics, d_h, d_w, d_b = _two_pass(h2.detach(), w.detach(), None if b is None else b.detach(),
+                                                     flat_labels, temperature, m, lengths, layout_rows, layout,
+                                                     average_log_prob, sft_weight, kw, need, backend)
     loss = loss_with_grads(loss, [(hidden, d_h.view(hidden.shape) if need[0] else d_h), (weight, d_w), (bias, d_b)])
     return loss, metrics
+
+
+def _objective_grad(s: Tensor, lengths: Tensor, layout: str, average: bool, sft_weight: float, kw: dict) -> Tensor:
+    """d loss / d s [2P] of _pair_objective at the per-sequence sums s."""
+    s = s.detach().requires_grad_()
+    with torch.enable_grad():
+        loss, _ = _pair_objective(s, lengths, layout, average, sft_weight, kw)
+        return torch.autograd.grad(loss, s)[0]
+
+
+def _two_pass(h2, w, b, labels, temperature, m, lengths, layout_rows, layout, average, sft_weight, kw, need,
+              backend):
+    lp, _, _, lse = torch.ops.hotloop.linear_token_stats_fwd(h2, w, b, labels, temperature, IGNORE, False, False,
+                                                             0.0, backend)
+    s = layout_rows.row_sum(lp * m)
+    loss, metrics = _pair_objective(s, lengths, layout, average, sft_weight, kw)
+    g_tok = layout_rows.per_token(_objective_grad(s, lengths, layout, average, sft_weight, kw)) * m
+    d_h, d_w, d_b = torch.ops.hotloop.linear_token_stats_bwd(
+        g_tok, None, None, h2, w, b, labels, lse, None, temperature, IGNORE, need[0], need[1],
+        need[2] and b is not None, 0.0, backend)
+    return loss, metrics, d_h, d_w, d_b
+
+
+def _pair_of_row(rows: Tensor, n_rows: int, layout: str) -> Tensor:
+    return rows // 2 if layout == "interleaved" else rows % (n_rows // 2)
+
+
+def _pair_chunks(layout_rows: RowLayout, labels: Tensor, layout: str, V: int, elt: int) -> list[Tensor] | None:
+    """The kept token positions grouped into chunks of whole pairs that fit the one-pass buffer (each chunk's
+    positions sorted by pair), or None when a single pair does not fit."""
+    from hotloop.cpu.linear_loss import chunk_rows
+
+    kept = (labels != IGNORE).nonzero().squeeze(1)
+    pair = _pair_of_row(layout_rows.row_of(kept), layout_rows.B, layout)
+    counts = torch.bincount(pair, minlength=layout_rows.B // 2).tolist()  # one host read: the split is on host
+    budget = chunk_rows(V, elt)
+    if max(counts, default=0) > budget:
+        return None
+    order = kept.index_select(0, torch.argsort(pair, stable=True))
+    chunks, start, size = [], 0, 0
+    for c in counts:
+        if size + c > budget:
+            chunks.append(order[start:start + size])
+            start, size = start + size, 0
+        size += c
+    if size:
+        chunks.append(order[start:start + size])
+    return chunks
+
+
+def _one_pass(h2, w, b, labels, temperature, m, lengths, layout_rows, chunks, layout, average, sft_weight, kw,
+              need):
+    """Chunks of whole pairs through hotloop.cpu.linear_loss: each chunk's sequence sums are set into a vector
+    whose other entries are placeholders (a mean log-prob of -1 per token: finite for every kind), the objective's
+    gradient there is exact for the chunk's pairs (the objective is separable by pair, see the module note)."""
+    from hotloop.cpu.linear_loss import one_pass_linear_loss
+
+    n_rows = layout_rows.B
+    placeholder = -lengths.clamp(min=1)
+    s_total = torch.zeros_like(lengths)
+    row_pair = _pair_of_row(torch.arange(n_rows, device=lengths.device), n_rows, layout)
+
+    def chunk_grads(pos: Tensor, lp: Tensor, ent: Tensor | None) -> tuple[Tensor, None]:
+        rows, m_c = layout_rows.row_of(pos), m.index_select(0, pos)
+        # index_add_ sums each row's tokens one after another: in float32 a sum near -2e3 would drift by ~1e-3
+        # (4.8e-5 relative error in the gradients, measured), so the sums are formed in float64
+        s_c = lengths.new_zeros(n_rows, dtype=torch.float64).index_add_(0, rows, (lp * m_c).double())
+        s_c = s_c.to(lengths.dtype)
+        s_total.add_(s_c)
+        in_chunk = torch.zeros(n_rows // 2, dtype=torch.bool, device=lengths.device)
+        in_chunk[_pair_of_row(rows, n_rows, layout)] = True
+        s = torch.where(in_chunk[row_pair], s_c, placeholder)  # both rows of each pair, tokens or not
+        g_seq = _objective_grad(s, lengths, layout, average, sft_weight, kw)
+        return g_seq.index_select(0, rows) * m_c, None
+
+    d_h, d_w, d_b = one_pass_linear_loss(h2, w, b, labels, temperature, chunks, chunk_grads, False, need[0],
+                                         need[1], need[2] and b is not None)
+    loss, metrics = _pair_objective(s_total, lengths, layout, average, sft_weight, kw)
+    return loss.detach(), metrics, d_h, d_w, d_b

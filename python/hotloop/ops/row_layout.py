@@ -29,6 +29,10 @@ class RowLayout:
             return x.view(self.B, self.T).sum(1)
         return x.new_zeros(self.B).index_add_(0, self.row_id, x)
 
+    def row_of(self, pos: Tensor) -> Tensor:
+        """Flat token positions [k] -> the row each belongs to [k]."""
+        return self.row_id.index_select(0, pos) if self.packed else torch.div(pos, self.T, rounding_mode="floor")
+
     def per_token(self, v: Tensor) -> Tensor:
         """[B] -> [N]: each token gets its row's value (contiguous)."""
         if not self.packed:

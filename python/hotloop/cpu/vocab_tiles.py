@@ -1,0 +1,99 @@
+"""Logits in vocabulary tiles on CPU: the matmul shapes oneDNN runs fastest, the exact merge of the token_stats
+kernel's per-tile statistics into whole-row ones, and a gradient tile's d_hidden / d_weight products.
+
+Why tiles: on the Intel Xeon (AMX) with 920 tokens x H=1024 x V=32000 in bf16 (min over runs, interleaved):
+  - the logits as 8 products of [920, 4096] take 33-43 ms; one [920, 32000] product takes 148 ms;
+  - a tile's d_weight G^T h takes 19 ms, h^T G (h^T made contiguous once) 10 ms plus 4.5 ms to transpose it
+    into d_weight's rows with csrc/cpu/transpose.h (torch's strided copy: 13 ms).
+float32 is compute bound and indifferent to both (~310 ms a vocabulary either way).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+TILE_COLS = 4096  # vocabulary columns of one matmul tile
+
+
+def vocab_tiles(V: int, cols: int | None = None) -> list[tuple[int, int]]:
+    """[(v0, v1)] covering 0..V in tiles of at most `cols` (default TILE_COLS) columns."""
+    step = min(cols or TILE_COLS, TILE_COLS)
+    return [(v0, min(V, v0 + step)) for v0 in range(0, V, step)]
+
+
+def matmul_into(out: Tensor, a: Tensor, b_t: Tensor, bias: Tensor | None) -> Tensor:
+    """out = a @ b_t (+ bias): the logits of a tile written into the caller's reusable buffer."""
+    if bias is None:
+        return torch.mm(a, b_t, out=out)
+    return torch.addmm(bias, a, b_t, out=out)
+
+
+class RowStats:
+    """Per-row statistics over the vocabulary, merged exactly from the token_stats_fwd_cpu outputs of each tile:
+    lse = logaddexp over tiles, E[z'] (entropy = lse - E[z']) weighted by exp(lse_tile - lse), sum z' added up,
+    z'[y] taken from the tile that holds y. Every label must be a valid column (drop ignored rows first)."""
+
+    def __init__(self, labels: Tensor, acc: torch.dtype, entropy: bool, self_certainty: bool):
+        n = labels.shape[0]
+        self.labels = labels
+        self.lse = labels.new_full((n,), float("-inf"), dtype=acc)
+        self.mean_z = labels.new_zeros(n, dtype=acc) if entropy else None  # E[z'] under the tiles seen so far
+        self.sum_z = labels.new_zeros(n, dtype=acc) if self_certainty else None
+        self.z_label = labels.new_zeros(n, dtype=acc)
+
+    def add_tile(self, z: Tensor, v0: int, temperature: float, rows: slice = slice(None)) -> None:
+        """z [r, c]: the logits of vocabulary columns v0..v0+c for the rows `rows` of the labels."""
+        cols = z.shape[1]
+        labels = self.labels[rows]
+        local = (labels - v0).clamp(0, cols - 1)  # any column will do where y is in another tile
+        lp, ent, sc, lse_t = (t.reshape(-1) for t in torch.ops.hotloop.token_stats_fwd_cpu(
+            z.unsqueeze(0), local.unsqueeze(0), temperature, -1, self.mean_z is not None, self.sum_z is not None))
+        lse = self.lse[rows]
+        new_lse = torch.logaddexp(lse, lse_t)
+        if self.mean_z is not None:
+            w_old, w_tile = torch.exp(lse - new_lse), torch.exp(lse_t - new_lse)
+            tile_mean = torch.where(w_tile > 0, w_tile * (lse_t - ent), 0.0)  # a tile of -inf adds nothing
+            self.mean_z[rows] = torch.where(w_old > 0, w_old * self.mean_z[rows], 0.0) + tile_mean
+        if self.sum_z is not None:  # the kernel's sc = lse_t - mean_t(z') - log(cols)
+            self.sum_z[rows] += cols * (lse_t - sc - math.log(cols))
+        in_tile = (labels >= v0) & (labels < v0 + cols)
+        self.z_label[rows] = torch.where(in_tile, lp + lse_t, self.z_label[rows])
+        self.lse[rows] = new_lse
+
+    def outputs(self, V: int) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """-> (logprobs, entropy | None, self_certainty | None, lse), each [n]."""
+        ent = None if self.mean_z is None else self.lse - self.mean_z
+        sc = None if self.sum_z is None else self.lse - self.sum_z / V - math.log(V)
+        return self.z_label - self.lse, ent, sc, self.lse
+
+
+def transposed_for_grads(h: Tensor) -> Tensor | None:
+    """h [r, H] -> h^T [H, r] contiguous for add_grad_products' bf16 / fp16 d_weight route; None for float32 / 64."""
+    return h.t().contiguous() if h.element_size() == 2 else None
+
+
+def add_grad_products(g: Tensor, h: Tensor, h_t: Tensor | None, w_tile: Tensor, d_h: Tensor | None,
+                      d_w_rows: Tensor | None, accumulate: bool) -> None:
+    """The products of a gradient tile g [r, c] (d loss / d logits of the vocabulary rows w_tile [c, H], for the
+    tokens with hidden states h [r, H]; h_t from transposed_for_grads(h)):
+        d_h [r, H] += g @ w_tile        (an accumulator of another dtype gets the product rounded to g's first)
+        d_w_rows [c, H] (+)= g^T @ h    (the tile's d_weight rows; `accumulate` adds instead of overwriting)
+    In bf16 / fp16 d_weight is (h_t @ g) put through the tiled transpose kernel (see the module note);
+    float32 is compute bound and takes g^T @ h directly."""
+    if d_h is not None:
+        if d_h.dtype == g.dtype:
+            d_h.addmm_(g, w_tile)
+        else:
+            d_h += torch.mm(g, w_tile)
+    if d_w_rows is None:
+        return
+    if h_t is not None:
+        torch.ops.hotloop.transpose_add_cpu(d_w_rows, torch.mm(h_t, g), accumulate)
+    elif not accumulate:
+        torch.mm(g.t(), h, out=d_w_rows)
+    elif d_w_rows.dtype == g.dtype:
+        d_w_rows.addmm_(g.t(), h)
+    else:
+        d_w_rows += torch.mm(g.t(), h)
