@@ -6,7 +6,8 @@ providers' loss closures, its tolerance and its texts. It hands them to a `Fused
 the same way for both:
   * per case, the inputs and the reference (float64 for float32 inputs, else float32) once, then every provider
     on them: its first call checked (the largest ||got - ref|| / ||ref|| of loss, d_hidden and d_weight) against
-    the module's tolerance, then timed with harness.time_ms; each ratio against hotloop's time;
+    the module's tolerance, then all of them timed in interleaved rounds (harness.time_interleaved); each ratio
+    against hotloop's time;
   * peak memory of every timed row (harness.measure_memory, which rebuilds the call in the module's probe_call);
   * the command line (--quick, --out-dir, --cases, --providers, --no-memory), a private inductor cache, and the
     JSON / markdown results with the module's extra fields.
@@ -113,11 +114,13 @@ class FusedLossBench:
         case = next(c for c in self.cpu_cases + self.gpu_cases + self.quick_cases if c.name == spec["case"])
         return make_call(self.by_name[spec["provider"]], self.make_inputs(case, harness.device()))
 
-    def bench_one(self, p: Provider, case, x, ref, dev, budget_s: float) -> harness.Record:
+    def prepare_one(self, p: Provider, case, x, ref, dev) -> tuple[harness.Record, Callable | None]:
+        """The provider's record after its first call (checked against the reference; compile time for compiling
+        providers) and its call for the timing rounds, None when it is unavailable or failed."""
         rec = harness.Record(self.name, case.name, "fwdbwd", p.name)
         rec.note = p.unavailable() or ""
         if rec.note:
-            return rec
+            return rec, None
         tol = self.tolerance(case.dtype)
         try:
             call = make_call(p, x)
@@ -127,16 +130,16 @@ class FusedLossBench:
             del out
             if p.compiles:
                 rec.compile_ms = first_ms
+                call()  # the first call compiled: one more warms it as the others are warm
             elif self.first_call_note:  # what a user feels on the first step: no compile warm-up expected
                 rec.note = f"first call {first_ms:.0f} ms"
-            rec.ms, rec.reps = harness.time_ms(call, dev, warmup=p.compiles, budget_s=budget_s)
         except Exception as exc:  # noqa: BLE001  (a failing provider is reported, the rest still run)
             rec.correct, rec.note = False, harness.error_note(exc)
-            return rec
+            return rec, None
         if not rec.correct:
             caveat = p.bf16_caveat if case.dtype == torch.bfloat16 else ""
             rec.note = "; ".join(filter(None, [rec.note, f"WRONG: rel err above {tol:g}", caveat]))
-        return rec
+        return rec, call
 
     def bench_case(self, case, providers: list[Provider], dev, budget_s: float) -> list[harness.Record]:
         t0 = time.perf_counter()
@@ -144,12 +147,25 @@ class FusedLossBench:
         ref = self.reference(x, torch.float64 if case.dtype == torch.float32 else torch.float32)
         print(f"[{self.name}] {case.name} inputs + reference {time.perf_counter() - t0:.1f} s, "
               f"{x.mask.mean().item():.0%} {self.mask_share}", file=sys.stderr, flush=True)
-        records = []
+        records, timed = [], []
         for p in providers:
             t0 = time.perf_counter()
-            records.append(self.bench_one(p, case, x, ref, dev, budget_s))
-            print(f"[{self.name}] {case.name} {p.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr,
-                  flush=True)
+            rec, call = self.prepare_one(p, case, x, ref, dev)
+            records.append(rec)
+            if call is not None:
+                timed.append((rec, call))
+            print(f"[{self.name}] {case.name} {p.name}: first call + check {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            for (rec, _), (ms, reps) in zip(timed, harness.time_interleaved([c for _, c in timed], dev,
+                                                                           budget_s=budget_s)):
+                rec.ms, rec.reps = ms, reps
+        except Exception as exc:  # noqa: BLE001  (a provider failing after its checked first call: no timings)
+            for rec, _ in timed:
+                rec.note = "; ".join(filter(None, [rec.note, "timing rounds failed: " + harness.error_note(exc)]))
+        print(f"[{self.name}] {case.name} timing rounds: {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+              flush=True)
         harness.set_ratios(records)
         return records
 

@@ -205,6 +205,28 @@ def time_ms(fn: Callable[[], object], dev: torch.device, *, warmup: bool = True,
     return statistics.median(times) * 1e3, len(times)
 
 
+def time_interleaved(fns: list[Callable[[], object]], dev: torch.device, *, budget_s: float = 1.0,
+                     min_reps: int = 3, max_reps: int = 30) -> list[tuple[float, int]]:
+    """Median ms of each of `fns` -> [(median, repeats)], already called once each (warm).
+
+    CPU: timed in rounds, each fn once per round in turn, until `budget_s` per fn is spent (at least min_reps
+    rounds, at most max_reps). The 2-vCPU cloud machines these run on drift between a fast and a slow speed (2x,
+    over minutes): timed one after the other, a provider would be measured in whichever phase it fell in; in rounds
+    every provider sees the same phases. GPU: time_ms for each (CUDA events, L2 flushed)."""
+    if dev.type == "cuda":
+        return [time_ms(fn, dev, warmup=False) for fn in fns]
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < max_reps and (len(times[0]) < min_reps
+                                        or time.perf_counter() - start < budget_s * len(fns)):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            out = fn()
+            ts.append(time.perf_counter() - t0)
+            del out  # free before the next call, as a training step would
+    return [(statistics.median(ts) * 1e3, len(ts)) for ts in times]
+
+
 # ------------------------------------------------------------------------------------------------------- memory
 def _proc_status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -21,10 +21,14 @@ import torch
 from torch import Tensor
 
 from hotloop.cpu import vocab_tiles
-from hotloop.cpu.linear_token_stats import CHUNK_BYTES, _filtered_block, _live_columns
+from hotloop.cpu.linear_token_stats import _filtered_block, _live_columns
 from hotloop.cpu.vocab_tiles import RowStats, add_grad_products, matmul_into, transposed_for_grads
 
 IGNORE = -100
+# The logits of one chunk. Fewer, larger chunks are faster: every chunk's matmuls re-pack the weight tiles for
+# oneDNN. Measured on the Xeon, DPO bf16 4 pairs x 256 x 1024 x 32000 (920 kept tokens): one 64 MiB chunk 2.8x the
+# materialised path, two 32 MiB chunks 1.9x (25 MiB less peak memory).
+CHUNK_BYTES = 64 << 20
 
 # (positions of the chunk's tokens, their logp [n], their entropy [n] | None) -> (d loss / d logp [n],
 # d loss / d entropy [n] | None); the callback also gathers whatever its loss needs for the value and metrics.
