@@ -30,9 +30,11 @@ def _inputs(B, T, H, V, dtype, bias=True, seed=None):
     return cast(hidden), cast(weight), cast(b), labels, mask, old.float(), ref.float(), adv.float()
 
 
-def _logp64(hidden, weight, bias, labels, mask, temperature):
-    """Materialised float64 log-probs and entropy of the masked positions."""
+def _logp64(hidden, weight, bias, labels, mask, temperature, logits_dtype=torch.float64):
+    """Materialised float64 log-probs and entropy of the masked positions. logits_dtype bf16: the logits rounded to
+    bf16 first, as every bf16 path forms them (else bf16's ~1e-2 log-prob error flips clip decisions at random)."""
     z = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+    z = z.to(logits_dtype).double()
     lsm = torch.log_softmax(z / temperature, -1)
     lp = lsm.gather(-1, torch.where(mask, labels, 0)[..., None]).squeeze(-1)
     return lp, -(lsm.exp() * lsm).sum(-1)
@@ -63,7 +65,7 @@ def test_linear_policy_loss_matches_float64(dtype, opts):
     loss.backward()
     h64, w64, b64 = _leaves(hidden.double(), weight.double(), bias.double())
     temperature = opts.get("temperature", 1.0)
-    lp, ent = _logp64(h64, w64, b64, labels, mask, temperature)
+    lp, ent = _logp64(h64, w64, b64, labels, mask, temperature, logits_dtype=dtype)
     ref_loss, ref_metrics = policy_loss_ref(
         lp, old.double(), adv.double(), mask, ref.double(), "k3", opts.get("kl_coef", 0.0), 0.2,
         opts.get("clip_high", 0.2), opts.get("dual_clip"), opts.get("importance", "token"),
