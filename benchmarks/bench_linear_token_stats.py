@@ -283,14 +283,18 @@ def runs(p: Provider, dev: torch.device) -> bool:
     return dev.type == "cuda" or not p.gpu_only
 
 
-def bench_one(p: Provider, mode: str, case: Case, inputs, ref: dict, dev, timing: dict):
+def bench_one(p: Provider, mode: str, case: Case, inputs, ref: dict, dev, timing: dict
+              ) -> tuple[harness.Record, Callable[[], object] | None]:
+    """The provider's checked record, timed here on the slow case; elsewhere it comes back with its call, for
+    bench_case's interleaved timing rounds (None: nothing to time)."""
     rec = harness.Record(BENCH, case.name, mode, p.name)
     reason = p.unavailable()
     if not reason and case.slow and not (p.in_slow or timing["slow_all"]):
         reason = "skipped on the slow case (same GEMM as eager; --slow-all runs it)"
     if reason:
         rec.note = reason
-        return rec
+        return rec, None
+    call = None
     try:
         call = make_call(p, mode, *inputs)
         first_ms, out = harness.time_first_call_ms(call, dev)  # pristine state: the call that gets checked
@@ -306,11 +310,11 @@ def bench_one(p: Provider, mode: str, case: Case, inputs, ref: dict, dev, timing
             # the checked call (or, compiling, the compile) is the warm-up; slow_calls - 1 timed calls
             n = max(1, timing["slow_calls"] - 1)
             rec.ms, rec.reps = harness.time_ms(call, dev, warmup=False, budget_s=0, min_reps=n, max_reps=n)
-        else:
-            rec.ms, rec.reps = harness.time_ms(call, dev, warmup=p.compiles, budget_s=timing["budget_s"])
+        elif p.compiles:
+            call()  # the compile was the first call: one more warms it as the others are warm
     except Exception as exc:  # noqa: BLE001  (a failing provider is reported, the rest still run)
         rec.correct, rec.note = False, harness.error_note(exc)
-        return rec
+        return rec, None
     notes = []
     if rec.correct is False:
         notes.append(f"WRONG: rel err above {tolerance(case.dtype):g}")
@@ -318,11 +322,15 @@ def bench_one(p: Provider, mode: str, case: Case, inputs, ref: dict, dev, timing
         notes.append("logprobs only: ratio vs hotloop_logprobs")
     if p.name == "cce" and dev.type == "cpu":
         notes.append("impl=torch_compile (CCE kernels are CUDA-only)")
-    if dev.type == "cuda" and timing.get("mm_tflops"):
-        tflops = useful_flops(case, mode) / (rec.ms * 1e-3) / 1e12
-        notes.append(f"{tflops:.0f} TFLOPS = {100 * tflops / timing['mm_tflops']:.0f}% of dense bf16 mm")
     rec.note = "; ".join(notes)
-    return rec
+    return rec, (None if case.slow else call)
+
+
+def note_tflops(rec: harness.Record, case: Case, timing: dict) -> None:
+    if rec.ms and timing.get("mm_tflops"):
+        tflops = useful_flops(case, rec.mode) / (rec.ms * 1e-3) / 1e12
+        rec.note = "; ".join(filter(None, [rec.note, f"{tflops:.0f} TFLOPS = "
+                                           f"{100 * tflops / timing['mm_tflops']:.0f}% of dense bf16 mm"]))
 
 
 def bench_case(case: Case, modes: list[str], providers: list[Provider], dev, timing: dict) -> list[harness.Record]:
@@ -333,13 +341,25 @@ def bench_case(case: Case, modes: list[str], providers: list[Provider], dev, tim
     print(f"[{BENCH}] {case.name} reference {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     records = []
     for mode in modes:
-        mode_recs = []
+        mode_recs, timed = [], []
         for p in providers:
             if runs(p, dev):
                 t0 = time.perf_counter()
-                mode_recs.append(bench_one(p, mode, case, inputs, ref, dev, timing))
+                rec, call = bench_one(p, mode, case, inputs, ref, dev, timing)
+                mode_recs.append(rec)
+                if call is not None:
+                    timed.append((rec, call))
                 print(f"[{BENCH}] {case.name} {mode} {p.name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr,
                       flush=True)
+        t0 = time.perf_counter()
+        times = harness.time_interleaved([c for _, c in timed], dev, budget_s=timing["budget_s"])
+        for (rec, _), (ms, reps) in zip(timed, times):
+            rec.ms, rec.reps = ms, reps
+        print(f"[{BENCH}] {case.name} {mode} timing rounds: {time.perf_counter() - t0:.1f} s", file=sys.stderr,
+              flush=True)
+        if dev.type == "cuda":
+            for rec in mode_recs:
+                note_tflops(rec, case, timing)
         # each peer against hotloop doing the same work: entropy peers vs hotloop, logprob-only vs _logprobs
         base = {e: next((r.ms for r in mode_recs if r.provider == name and r.correct), None)
                 for e, name in ((True, "hotloop"), (False, "hotloop_logprobs"))}
