@@ -18,8 +18,8 @@ TILE_COLS = 4096  # vocabulary columns of one matmul tile
 
 
 def vocab_tiles(V: int, cols: int | None = None) -> list[tuple[int, int]]:
-    """[(v0, v1)] covering 0..V in tiles of at most `cols` (default TILE_COLS) columns."""
-    step = min(cols or TILE_COLS, TILE_COLS)
+    """[(v0, v1)] covering 0..V in tiles of `cols` (default TILE_COLS) columns."""
+    step = cols or TILE_COLS
     return [(v0, min(V, v0 + step)) for v0 in range(0, V, step)]
 
 
@@ -48,8 +48,9 @@ class RowStats:
         cols = z.shape[1]
         labels = self.labels[rows]
         local = (labels - v0).clamp(0, cols - 1)  # any column will do where y is in another tile
-        lp, ent, sc, lse_t = (t.reshape(-1) for t in torch.ops.hotloop.token_stats_fwd_cpu(
-            z.unsqueeze(0), local.unsqueeze(0), temperature, -1, self.mean_z is not None, self.sum_z is not None))
+        lp, ent, sc, lse_t = (t.reshape(-1) for t in torch.ops.hotloop.token_stats_fwd_cpu(  # -1: local >= 0,
+            z.unsqueeze(0), local.unsqueeze(0), temperature, -1, self.mean_z is not None,  # so no row is ignored
+            self.sum_z is not None))
         lse = self.lse[rows]
         new_lse = torch.logaddexp(lse, lse_t)
         if self.mean_z is not None:
