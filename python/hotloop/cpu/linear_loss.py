@@ -8,10 +8,10 @@ DPO-family loss, chunked pair by pair), the chunk is finished while its logits a
     token_stats_bwd_cpu(z)         C++ kernel per tile: d loss / d logits, in place
     d_h[chunk] = G W;  d_W += G^T h_chunk;  d_b += sum G
 Three matmuls per tile where a forward + recomputing backward needs four. The [N, V] logits never exist; the
-buffer holds about CHUNK_BYTES of them. Rows whose mask is 0 are dropped before any matmul.
+buffer holds CHUNK_ROWS rows of them (at most CHUNK_BYTES). Rows whose mask is 0 are dropped before any matmul.
 d_W is accumulated in the weight's dtype across chunks (as Liger's chunked losses do): exact to float32 for float32
-weights; a bf16 / fp16 weight gradient is rounded once per chunk (chunks are as large as the buffer allows, so a
-few roundings: the error is measured in the tests).
+weights; a bf16 / fp16 weight gradient is rounded once per chunk of CHUNK_ROWS tokens (4 roundings for 2048
+tokens; the error is measured in the tests).
 """
 from __future__ import annotations
 
@@ -22,12 +22,15 @@ from torch import Tensor
 
 from hotloop.cpu import vocab_tiles
 from hotloop.cpu.linear_token_stats import _filtered_block, _live_columns
-from hotloop.cpu.vocab_tiles import RowStats, add_grad_products, matmul_into, transposed_for_grads
+from hotloop.cpu.vocab_tiles import RowStats, add_grad_products, grad_scratch, matmul_into
 
 IGNORE = -100
-# The logits of one chunk. Fewer, larger chunks are faster: every chunk's matmuls re-pack the weight tiles for
-# oneDNN. Measured on the Xeon, DPO bf16 4 pairs x 256 x 1024 x 32000 (920 kept tokens): one 64 MiB chunk 2.8x the
-# materialised path, two 32 MiB chunks 1.9x (25 MiB less peak memory).
+# Tokens per chunk. A chunk's matmuls re-pack the weight tiles, so fewer rows cost more per token; more rows cost
+# memory and, past ~1000 bf16 rows, speed (the gradient tile outgrows the cache: see vocab_tiles). Measured on the
+# Xeon, GRPO 8 x 256 x 1024 x 32000, same process (min of 8 rounds): bf16 512 rows 390 ms, 1024 rows 435 ms,
+# 256 rows 472 ms; float32 512 rows 1.92 s, 256 rows 2.09 s.
+CHUNK_ROWS = 512
+# The most logits one chunk may hold: a large vocabulary gets fewer rows (V = 128256 in bf16: 261).
 CHUNK_BYTES = 64 << 20
 
 # (positions of the chunk's tokens, their logp [n], their entropy [n] | None) -> (d loss / d logp [n],
@@ -35,9 +38,14 @@ CHUNK_BYTES = 64 << 20
 ChunkGrads = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
 
 
-def chunk_rows(V: int, elt: int) -> int:
-    """Tokens per chunk: as many [V] logit rows as CHUNK_BYTES holds (at least one)."""
+def max_chunk_rows(V: int, elt: int) -> int:
+    """The most tokens a chunk can have: as many [V] logit rows as CHUNK_BYTES holds (at least one)."""
     return max(1, CHUNK_BYTES // (V * elt))
+
+
+def chunk_rows(V: int, elt: int) -> int:
+    """Tokens per chunk: CHUNK_ROWS, or fewer where their logits would pass CHUNK_BYTES."""
+    return min(CHUNK_ROWS, max_chunk_rows(V, elt))
 
 
 def token_chunks(kept: Tensor, rows: int) -> list[Tensor]:
@@ -56,7 +64,9 @@ def one_pass_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
     V = weight.shape[0]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     tiles = vocab_tiles.vocab_tiles(V)
-    buf = hidden.new_empty(max((c.numel() for c in chunks), default=0) * V)
+    rows = max((c.numel() for c in chunks), default=0)
+    buf = hidden.new_empty(rows * V)
+    g_t_buf = grad_scratch(rows, hidden.dtype) if need_weight else None
     filtering = grad_filter_eps > 0
     d_h = hidden.new_zeros((N, H)) if need_hidden else hidden.new_empty(0)
     d_w = (torch.zeros_like(weight) if filtering or not chunks else torch.empty_like(weight)) if need_weight \
@@ -65,7 +75,6 @@ def one_pass_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
     for k, pos in enumerate(chunks):
         n = pos.numel()
         h_c, lab = hidden.index_select(0, pos), labels.index_select(0, pos)
-        h_t = transposed_for_grads(h_c) if need_weight else None
         stats = RowStats(lab, acc, entropy, False)
         zs = []
         for v0, v1 in tiles:  # tile t of the chunk's logits: buf[n*v0 : n*v1] as [n, v1 - v0]
@@ -88,7 +97,8 @@ def one_pass_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
             if live is not None:
                 _filtered_block(z, live, h_c, weight[v0:v1], d_h_c, d_w_rows, accumulate=True)
             else:
-                add_grad_products(z, h_c, h_t, weight[v0:v1], d_h_c, d_w_rows, accumulate=filtering or k > 0)
+                add_grad_products(z, h_c, weight[v0:v1], d_h_c, d_w_rows, accumulate=filtering or k > 0,
+                                  g_t_buf=g_t_buf)
         if need_hidden:
             d_h.index_copy_(0, pos, d_h_c.to(d_h.dtype))
     return d_h, d_w, d_b.to(bias.dtype) if need_bias else d_b

@@ -184,8 +184,8 @@ def _bwd(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias,
                                 accumulate=d_w_block is not None)
                 continue
             # d_h: a partial over this block's columns, summed in float32
-            add_grad_products(g, h_c, None if h_t is None else h_t[:, i0:i1], w_blk,
-                              d_h[i0:i1] if need_hidden else None, d_w_rows, accumulate=d_w_block is not None)
+            add_grad_products(g, h_c, w_blk, d_h[i0:i1] if need_hidden else None, d_w_rows,
+                              accumulate=d_w_block is not None, h_t=None if h_t is None else h_t[:, i0:i1])
         if d_w_block is not None:
             d_w[v0:v1] = d_w_block[: v1 - v0]
     return (d_h.to(hidden.dtype) if need_hidden else d_h, d_w,

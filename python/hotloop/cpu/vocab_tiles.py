@@ -4,7 +4,10 @@ kernel's per-tile statistics into whole-row ones, and a gradient tile's d_hidden
 Why tiles: on the Intel Xeon (AMX) with 920 tokens x H=1024 x V=32000 in bf16 (min over runs, interleaved):
   - the logits as 8 products of [920, 4096] take 33-43 ms; one [920, 32000] product takes 148 ms;
   - a tile's d_weight G^T h takes 19 ms, h^T G (h^T made contiguous once) 10 ms plus 4.5 ms to transpose it
-    into d_weight's rows with csrc/cpu/transpose.h (torch's strided copy: 13 ms).
+    into d_weight's rows with csrc/cpu/transpose.h (torch's strided copy: 13 ms);
+  - for fewer tokens the transposed product loses: with G^T made contiguous first (the same transpose kernel),
+    G^T h runs at ~800 GFLOPS for any token count. Per tile, bf16, same process: 524 tokens 3.7 ms against 5.1 ms
+    for h^T G + transpose, 262 tokens 4.7 against 8.2; 1048 tokens 8.1 against 7.2; 2048 tokens 18.8 against 13.5.
 float32 is compute bound and indifferent to both (~310 ms a vocabulary either way).
 """
 from __future__ import annotations
@@ -71,18 +74,28 @@ class RowStats:
 
 
 def transposed_for_grads(h: Tensor) -> Tensor | None:
-    """h [r, H] -> h^T [H, r] contiguous for add_grad_products' bf16 / fp16 d_weight route; None for float32 / 64."""
+    """h [r, H] -> h^T [H, r] contiguous for add_grad_products' h_t route (bf16 / fp16); None for float32 / 64."""
     return h.t().contiguous() if h.element_size() == 2 else None
 
 
-def add_grad_products(g: Tensor, h: Tensor, h_t: Tensor | None, w_tile: Tensor, d_h: Tensor | None,
-                      d_w_rows: Tensor | None, accumulate: bool) -> None:
+def grad_scratch(rows: int, dtype: torch.dtype) -> Tensor | None:
+    """A buffer for add_grad_products' g_t route: a gradient tile of `rows` tokens, transposed (bf16 / fp16);
+    None for float32 / 64."""
+    return torch.empty(rows * TILE_COLS, dtype=dtype) if dtype.itemsize == 2 else None
+
+
+def add_grad_products(g: Tensor, h: Tensor, w_tile: Tensor, d_h: Tensor | None, d_w_rows: Tensor | None,
+                      accumulate: bool, h_t: Tensor | None = None, g_t_buf: Tensor | None = None) -> None:
     """The products of a gradient tile g [r, c] (d loss / d logits of the vocabulary rows w_tile [c, H], for the
-    tokens with hidden states h [r, H]; h_t from transposed_for_grads(h)):
+    tokens with hidden states h [r, H]):
         d_h [r, H] += g @ w_tile        (an accumulator of another dtype gets the product rounded to g's first)
         d_w_rows [c, H] (+)= g^T @ h    (the tile's d_weight rows; `accumulate` adds instead of overwriting)
-    In bf16 / fp16 d_weight is (h_t @ g) put through the tiled transpose kernel (see the module note);
-    float32 is compute bound and takes g^T @ h directly."""
+    d_weight's route (bf16 / fp16 matmuls care which operand is transposed, see the module note):
+      h_t = transposed_for_grads(h): (h_t @ g) [H, c] put through the tiled transpose kernel. Best for a tile of
+        many tokens (r >= ~1000): the product is fast and g is not copied.
+      g_t_buf = grad_scratch(r): g transposed into the buffer, then g^T @ h straight into d_weight's rows. Best
+        for a chunk of a few hundred tokens, where the transposed product is slow and g is cheap to copy.
+      neither: g.t() @ h (float32: compute bound, indifferent)."""
     if d_h is not None:
         if d_h.dtype == g.dtype:
             d_h.addmm_(g, w_tile)
@@ -92,9 +105,14 @@ def add_grad_products(g: Tensor, h: Tensor, h_t: Tensor | None, w_tile: Tensor, 
         return
     if h_t is not None:
         torch.ops.hotloop.transpose_add_cpu(d_w_rows, torch.mm(h_t, g), accumulate)
-    elif not accumulate:
-        torch.mm(g.t(), h, out=d_w_rows)
+        return
+    g_t = g.t()
+    if g_t_buf is not None:
+        g_t = g_t_buf[: g.numel()].view(g.shape[1], g.shape[0])
+        torch.ops.hotloop.transpose_add_cpu(g_t, g, False)
+    if not accumulate:
+        torch.mm(g_t, h, out=d_w_rows)
     elif d_w_rows.dtype == g.dtype:
-        d_w_rows.addmm_(g.t(), h)
+        d_w_rows.addmm_(g_t, h)
     else:
-        d_w_rows += torch.mm(g.t(), h)
+        d_w_rows += torch.mm(g_t, h)

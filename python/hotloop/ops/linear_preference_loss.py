@@ -163,15 +163,17 @@ def _pair_of_row(rows: Tensor, n_rows: int, layout: str) -> Tensor:
 
 def _pair_chunks(layout_rows: RowLayout, labels: Tensor, layout: str, V: int, elt: int) -> list[Tensor] | None:
     """The kept token positions grouped into chunks of whole pairs that fit the one-pass buffer (each chunk's
-    positions sorted by pair), or None when a single pair does not fit."""
-    from hotloop.cpu.linear_loss import chunk_rows
+    positions sorted by pair), or None when a single pair does not fit. Chunks are as long as the longest pair
+    when it has more tokens than the preferred chunk: one pass with a longer chunk beats the two-pass fallback."""
+    from hotloop.cpu.linear_loss import chunk_rows, max_chunk_rows
 
     kept = (labels != IGNORE).nonzero().squeeze(1)
     pair = _pair_of_row(layout_rows.row_of(kept), layout_rows.B, layout)
     counts = torch.bincount(pair, minlength=layout_rows.B // 2).tolist()  # one host read: the split is on host
-    budget = chunk_rows(V, elt)
-    if max(counts, default=0) > budget:
+    longest = max(counts, default=0)
+    if longest > max_chunk_rows(V, elt):
         return None
+    budget = max(chunk_rows(V, elt), longest)
     order = kept.index_select(0, torch.argsort(pair, stable=True))
     chunks, start, size = [], 0, 0
     for c in counts:
