@@ -8,10 +8,10 @@ DPO-family loss, chunked pair by pair), the chunk is finished while its logits a
     token_stats_bwd_cpu(z)         C++ kernel per tile: d loss / d logits, in place
     d_h[chunk] = G W;  d_W += G^T h_chunk;  d_b += sum G
 Three matmuls per tile where a forward + recomputing backward needs four. The [N, V] logits never exist; the
-buffer holds CHUNK_ROWS rows of them (at most CHUNK_BYTES). Rows whose mask is 0 are dropped before any matmul.
+buffer holds one chunk of them (chunk_rows). Rows whose mask is 0 are dropped before any matmul.
 d_W is accumulated in the weight's dtype across chunks (as Liger's chunked losses do): exact to float32 for float32
-weights; a bf16 / fp16 weight gradient is rounded once per chunk of CHUNK_ROWS tokens (4 roundings for 2048
-tokens; the error is measured in the tests).
+weights; a bf16 / fp16 weight gradient is rounded once per chunk (4 roundings for 2048 tokens at
+H = 1024; the error is measured in the tests).
 """
 from __future__ import annotations
 
@@ -22,14 +22,19 @@ from torch import Tensor
 
 from hotloop.cpu import vocab_tiles
 from hotloop.cpu.linear_token_stats import _filtered_block, _live_columns
-from hotloop.cpu.vocab_tiles import RowStats, add_grad_products, grad_scratch, matmul_into
+from hotloop.cpu.vocab_tiles import (RowStats, add_grad_products, grad_scratch, matmul_into,
+                                     transposed_for_grads)
 
 IGNORE = -100
-# Tokens per chunk. A chunk's matmuls re-pack the weight tiles, so fewer rows cost more per token; more rows cost
-# memory and, past ~1000 bf16 rows, speed (the gradient tile outgrows the cache: see vocab_tiles). Measured on the
-# Xeon, GRPO 8 x 256 x 1024 x 32000, same process (min of 8 rounds): bf16 512 rows 390 ms, 1024 rows 435 ms,
-# 256 rows 472 ms; float32 512 rows 1.92 s, 256 rows 2.09 s.
+# Tokens per chunk: at least CHUNK_ROWS, and CHUNK_HIDDEN / H for a narrow model. A chunk's matmuls re-pack the
+# weight tiles, so fewer rows cost more per token; more rows cost memory and, for bf16, speed (the gradient tile
+# outgrows the cache: see vocab_tiles). Measured on the Xeon, GRPO from hidden states, V = 32000, same process
+# (min of 8-16 interleaved rounds):
+#   H = 1024, 8 x 256 tokens: bf16 512 rows 390 ms, 1024 rows 435 ms, 256 rows 472 ms; fp32 512 rows 1.92 s,
+#   256 rows 2.09 s;
+#   H = 512, 16 x 256 ragged (2800 tokens), bf16: 1024 rows 361 ms, 512 rows 417 ms.
 CHUNK_ROWS = 512
+CHUNK_HIDDEN = 512 * 1024
 # The most logits one chunk may hold: a large vocabulary gets fewer rows (V = 128256 in bf16: 261).
 CHUNK_BYTES = 64 << 20
 
@@ -43,9 +48,9 @@ def max_chunk_rows(V: int, elt: int) -> int:
     return max(1, CHUNK_BYTES // (V * elt))
 
 
-def chunk_rows(V: int, elt: int) -> int:
-    """Tokens per chunk: CHUNK_ROWS, or fewer where their logits would pass CHUNK_BYTES."""
-    return min(CHUNK_ROWS, max_chunk_rows(V, elt))
+def chunk_rows(V: int, H: int, elt: int) -> int:
+    """Tokens per chunk: max(CHUNK_ROWS, CHUNK_HIDDEN / H), or fewer where their logits would pass CHUNK_BYTES."""
+    return min(max(CHUNK_ROWS, CHUNK_HIDDEN // max(1, H)), max_chunk_rows(V, elt))
 
 
 def token_chunks(kept: Tensor, rows: int) -> list[Tensor]:
@@ -66,7 +71,8 @@ def one_pass_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
     tiles = vocab_tiles.vocab_tiles(V)
     rows = max((c.numel() for c in chunks), default=0)
     buf = hidden.new_empty(rows * V)
-    g_t_buf = grad_scratch(rows, hidden.dtype) if need_weight else None
+    # d_weight's route (vocab_tiles.add_grad_products): transpose the smaller of G [rows, c] and d_W's tile [c, H]
+    g_t_buf = grad_scratch(rows, hidden.dtype) if need_weight and rows < H else None
     filtering = grad_filter_eps > 0
     d_h = hidden.new_zeros((N, H)) if need_hidden else hidden.new_empty(0)
     d_w = (torch.zeros_like(weight) if filtering or not chunks else torch.empty_like(weight)) if need_weight \
@@ -75,6 +81,7 @@ def one_pass_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
     for k, pos in enumerate(chunks):
         n = pos.numel()
         h_c, lab = hidden.index_select(0, pos), labels.index_select(0, pos)
+        h_t = transposed_for_grads(h_c) if need_weight and g_t_buf is None else None
         stats = RowStats(lab, acc, entropy, False)
         zs = []
         for v0, v1 in tiles:  # tile t of the chunk's logits: buf[n*v0 : n*v1] as [n, v1 - v0]
@@ -98,7 +105,7 @@ def one_pass_linear_loss(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
                 _filtered_block(z, live, h_c, weight[v0:v1], d_h_c, d_w_rows, accumulate=True)
             else:
                 add_grad_products(z, h_c, weight[v0:v1], d_h_c, d_w_rows, accumulate=filtering or k > 0,
-                                  g_t_buf=g_t_buf)
+                                  h_t=h_t, g_t_buf=g_t_buf)
         if need_hidden:
             d_h.index_copy_(0, pos, d_h_c.to(d_h.dtype))
     return d_h, d_w, d_b.to(bias.dtype) if need_bias else d_b
@@ -123,7 +130,7 @@ def fused_linear_loss_cpu(hidden: Tensor, weight: Tensor, bias: Tensor | None, l
         totals["sums"] += s
         return g_lp, (-entropy_coef * w if entropy_coef != 0.0 else None)
 
-    chunks = token_chunks(kept, chunk_rows(weight.shape[0], hidden.element_size()))
+    chunks = token_chunks(kept, chunk_rows(*weight.shape, hidden.element_size()))
     d_h, d_w, d_b = one_pass_linear_loss(hidden, weight, bias, labels, temperature, chunks, chunk_grads, True,
                                          need_hidden, need_weight, need_bias, grad_filter_eps)
     return totals["loss"], totals["sums"], totals["ent"], d_h, d_w, d_b

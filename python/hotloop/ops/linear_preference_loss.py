@@ -122,7 +122,7 @@ def linear_preference_loss(hidden: Tensor, weight: Tensor, labels: Tensor, mask:
     with torch.no_grad():
         m = float_mask(_OP, mask, torch.float64 if hidden.dtype == torch.float64 else torch.float32).reshape(-1)
         lengths = layout_rows.row_sum(m)
-        chunks = _pair_chunks(layout_rows, flat_labels, layout, w.shape[0], h2.element_size()) \
+        chunks = _pair_chunks(layout_rows, flat_labels, layout, *w.shape, h2.element_size()) \
             if backend == "cpu" else None
         if chunks is not None:
             loss, metrics, d_h, d_w, d_b = _one_pass(h2.detach(), w.detach(), None if b is None else b.detach(),
@@ -161,7 +161,8 @@ def _pair_of_row(rows: Tensor, n_rows: int, layout: str) -> Tensor:
     return rows // 2 if layout == "interleaved" else rows % (n_rows // 2)
 
 
-def _pair_chunks(layout_rows: RowLayout, labels: Tensor, layout: str, V: int, elt: int) -> list[Tensor] | None:
+def _pair_chunks(layout_rows: RowLayout, labels: Tensor, layout: str, V: int, H: int, elt: int
+                 ) -> list[Tensor] | None:
     """The kept token positions grouped into chunks of whole pairs that fit the one-pass buffer (each chunk's
     positions sorted by pair), or None when a single pair does not fit. Chunks are as long as the longest pair
     when it has more tokens than the preferred chunk: one pass with a longer chunk beats the two-pass fallback."""
@@ -173,7 +174,7 @@ def _pair_chunks(layout_rows: RowLayout, labels: Tensor, layout: str, V: int, el
     longest = max(counts, default=0)
     if longest > max_chunk_rows(V, elt):
         return None
-    budget = max(chunk_rows(V, elt), longest)
+    budget = max(chunk_rows(V, H, elt), longest)
     order = kept.index_select(0, torch.argsort(pair, stable=True))
     chunks, start, size = [], 0, 0
     for c in counts:
