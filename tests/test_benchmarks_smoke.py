@@ -29,3 +29,14 @@ def test_benchmarks_quick(tmp_path):
         assert r["correct"] is True, r
         assert r["ms"] and r["ms"] > 0, r
         assert r["peak_extra_mib"] is not None, r  # the memory probe ran
+
+
+def test_matmul_floor_quick(tmp_path):
+    """benchmarks.matmul_floor (not part of run.py) runs end to end and times all three calls."""
+    pytest.importorskip("hotloop")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.matmul_floor", "--quick", "--out-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = json.loads(next(tmp_path.glob("*/matmul_floor_quick.json")).read_text())["records"]
+    assert {r["provider"] for r in records} == {"three_matmuls", "trl_materialised", "hotloop"}
+    assert all(r["ms"] > 0 for r in records)
