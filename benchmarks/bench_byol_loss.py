@@ -88,12 +88,7 @@ def bench_case(case: Case, dev: torch.device, timing: dict, fresh: bool) -> list
         except Exception as exc:  # noqa: BLE001
             rec.correct, rec.note = False, harness.error_note(exc)
         records.append(rec)
-    specs = [{"case": case.name, "provider": r.provider} for r in records]
-    for rec, m in zip(records, harness.peak_extra_bytes("benchmarks.bench_byol_loss", specs, fresh=fresh)):
-        if isinstance(m, int):
-            rec.peak_extra_mib = m / 2**20
-        else:
-            rec.note += f" memory probe: {m}"
+    harness.measure_memory(BENCH, "benchmarks.bench_byol_loss", records, quick=not fresh, announce=False)
     harness.set_ratios(records)
     return records
 

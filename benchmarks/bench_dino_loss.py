@@ -104,14 +104,8 @@ def bench_case(case: Case, dev: torch.device, timing: dict, with_compile: bool, 
         except Exception as exc:  # noqa: BLE001
             rec.correct, rec.note = False, harness.error_note(exc)
         records.append(rec)
-    specs = [{"case": case.name, "provider": r.provider} for r in records if r.provider != "compile"]
-    mem = harness.peak_extra_bytes("benchmarks.bench_dino_loss", specs, fresh=fresh)
-    for spec, m in zip(specs, mem):
-        rec = next(r for r in records if r.provider == spec["provider"])
-        if isinstance(m, int):
-            rec.peak_extra_mib = m / 2**20
-        else:
-            rec.note += f" memory probe: {m}"
+    probed = [r for r in records if r.provider != "compile"]  # the probe child has no compiled loss
+    harness.measure_memory(BENCH, "benchmarks.bench_dino_loss", probed, quick=not fresh, announce=False)
     harness.set_ratios(records)
     return records
 
