@@ -2,8 +2,8 @@
 // Implements hotloop::ema_update_cuda (schema in ops.cpp): validates the lists, builds the pointer table in
 // pinned host memory, copies it to the device on the current stream and launches once for every tensor.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -11,6 +11,7 @@
 #include <optional>
 
 #include "../cuda/ema.h"
+#include "cuda_device.h"
 
 namespace {
 
@@ -90,8 +91,8 @@ void ema_update_cuda(at::TensorList target, at::TensorList online, at::TensorLis
   // and the device table's memory is reused only by work ordered after the kernel on this stream
   at::Tensor table = host.to(dev, /*non_blocking=*/true);
   p.table = reinterpret_cast<const hotloop_ema_tensor*>(table.data_ptr<int64_t>());
-  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const cudaError_t err = hotloop_ema_update(&p, at::cuda::getCurrentCUDAStream().stream());
+  p.num_sms = hotloop::bind::current_sm_count();
+  const cudaError_t err = hotloop_ema_update(&p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(err), " (", count,
               " tensors)");
 }

@@ -1,8 +1,8 @@
 // torch glue for the CUDA knn kernels (csrc/cuda/knn.{h,cu}); compiled only in a CUDA build. Implements the
 // knn_cuda schema declared in ops.cpp: validates tensors, picks the device / stream, fills the C ABI params.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "../cuda/knn.h"
+#include "cuda_device.h"
 
 namespace {
 
@@ -76,14 +77,14 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const at:
   p.valid = v.defined() ? reinterpret_cast<const uint8_t*>(v.data_ptr<bool>()) : nullptr;
   p.scores = scores.data_ptr<float>();
   p.indices = indices.data_ptr<int64_t>();
-  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.num_sms = hotloop::bind::current_sm_count();
   p.force_splits = forced_splits();
   // stream-ordered caching-allocator block: freeing it on return is safe, later users are ordered after us
   const int64_t ws_bytes = hotloop_knn_workspace_bytes(&p);
   at::Tensor workspace = at::empty({ws_bytes}, q.options().dtype(at::kByte));
   p.workspace = workspace.data_ptr();
   p.workspace_bytes = ws_bytes;
-  const cudaError_t err = hotloop_knn(&p, at::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err = hotloop_knn(&p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, kOp, ": CUDA kernel launch failed: ", cudaGetErrorString(err), " (Q=", Q, ", M=", M,
               ", d=", d, ", k=", k, ")");
   return {scores, indices};

@@ -3,8 +3,8 @@
 // params and turns a failed launch into a Python RuntimeError.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "../cuda/token_stats.h"
+#include "cuda_device.h"
 
 namespace {
 
@@ -114,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_fwd_cuda(
   p.entropy = entropy ? ent.data_ptr<float>() : nullptr;
   p.self_certainty = self_certainty ? sc.data_ptr<float>() : nullptr;
   p.lse = lse.data_ptr<float>();
-  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.num_sms = hotloop::bind::current_sm_count();
   p.force_splits = forced_splits();
 
   // Stream-ordered caching-allocator block: freeing it when this function returns is safe, later users of the
@@ -127,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_fwd_cuda(
     p.workspace_bytes = ws_bytes;
   }
 
-  const cudaError_t err = hotloop_token_stats_fwd(&p, at::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err = hotloop_token_stats_fwd(&p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err), " (B=", B,
               ", T=", T, ", V=", V, ", dtype=", logits.scalar_type(), ")");
   return {lp, ent, sc, lse};
@@ -200,9 +201,9 @@ void token_stats_bwd_cuda(const at::Tensor& grad_logits, const std::optional<at:
   p.grad_self_certainty = g_sc;
   p.lse = lse.data_ptr<float>();
   p.entropy = ent;
-  p.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.num_sms = hotloop::bind::current_sm_count();
 
-  const cudaError_t err = hotloop_token_stats_bwd(&p, at::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err = hotloop_token_stats_bwd(&p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err), " (B=", B,
               ", T=", T, ", V=", V, ", dtype=", logits.scalar_type(), ")");
 }
