@@ -112,6 +112,19 @@ def test_forward_matches_reference(dtype, has_bias, num_splits):
         assert torch.equal(o[ignored], torch.zeros(int(ignored.sum())))
 
 
+def test_forward_many_splits_merge_fewer_rows_a_program():
+    """140 vocabulary splits: the merge takes 4 rows a program (BLOCK_S 256), not 16 (which spilled on GPU)."""
+    g = torch.Generator().manual_seed(3)
+    v, h = 2240, 16
+    hidden, labels = torch.randn(N, h, generator=g), torch.randint(0, v, (N,), generator=g)
+    weight, bias = torch.randn(v, h, generator=g) * 0.4, torch.randn(v, generator=g) * 0.5
+    labels[4] = IGNORE
+    out = fwd(hidden, weight, bias, labels, num_splits=140, block_n=16)
+    for name, o, r in zip(("logprobs", "entropy", "self_certainty", "lse"), out,
+                          ref_forward(hidden, weight, bias, labels)):
+        assert rel_err(o, r) < FWD_TOL, (name, rel_err(o, r))
+
+
 def test_forward_flags_off_give_empty_and_int32_labels():
     hidden, weight, bias, labels = make_inputs()
     lp, ent, sc, lse = fwd(hidden, weight, bias, labels.to(torch.int32), entropy=False, self_certainty=False)

@@ -1,4 +1,5 @@
-"""Launcher helpers shared by the Triton kernel files: dtypes, the interpreter flag, SM count, vocab splits."""
+"""Launcher helpers shared by the Triton kernel files: dtypes, the interpreter flag, the GPU's SM count and
+compute capability, vocab splits."""
 from __future__ import annotations
 
 import functools
@@ -17,12 +18,24 @@ def interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _device_info(index: int) -> tuple[int, int]:
+    """(multiprocessor count, compute capability as 10 * major + minor) of CUDA device `index`: everything the
+    launchers' tile and split choices read of the GPU (scripts/triton_compile_matrix.py stands in for it)."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, 10 * props.major + props.minor
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def sm_count(device: torch.device) -> int:
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _device_info(_index(device))[0]
+
+
+def capability(device: torch.device) -> int:
+    """10 * major + minor (80 for A100, 90 for H100 / H200)."""
+    return _device_info(_index(device))[1]
 
 
 def vocab_splits(work_items: int, n_tiles: int, device: torch.device, num_splits: int | None) -> tuple[int, int]:

@@ -224,12 +224,14 @@ def _ragged(r: Tensor, gi: Tensor, out: Tensor, bstd: Tensor, eps: float, kind: 
         max1 = max2 = sums
         best = cnt
     grid = (triton.cdiv(R, _BLOCK),)
-    _ga_scatter_kernel[grid](r, gi, sums, cnt, max1, R, BLOCK=_BLOCK, PASSK=passk)
-    _ga_moment_kernel[grid](r, gi, sums, cnt, ss, max1, best, R, BLOCK=_BLOCK, PASSK=passk)
+    # 8 warps: 4 responses a thread with their int64 ids and addresses (4 warps spilled on sm_80 with passk)
+    warps = 8
+    _ga_scatter_kernel[grid](r, gi, sums, cnt, max1, R, BLOCK=_BLOCK, PASSK=passk, num_warps=warps)
+    _ga_moment_kernel[grid](r, gi, sums, cnt, ss, max1, best, R, BLOCK=_BLOCK, PASSK=passk, num_warps=warps)
     if passk:
-        _ga_runner_up_kernel[grid](r, gi, best, max2, R, BLOCK=_BLOCK)
+        _ga_runner_up_kernel[grid](r, gi, best, max2, R, BLOCK=_BLOCK, num_warps=warps)
     _ga_ragged_out_kernel[grid](r, gi, out, sums, cnt, ss, max1, best, max2, bstd, R, eps, BLOCK=_BLOCK,
-                                KIND=kind, SCALE=scale)
+                                KIND=kind, SCALE=scale, num_warps=warps)
 
 
 def group_advantages_fwd_triton(rewards: Tensor, group_index: Tensor | None, group_size: int, kind: str,

@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hotloop.triton_kernels._common import FLOAT_DTYPES, check_row_vector, interpreting, vocab_splits
+from hotloop.triton_kernels._common import (FLOAT_DTYPES, capability, check_row_vector, interpreting,
+                                            vocab_splits)
 from hotloop.triton_kernels.token_stats import _finalize_rows, _rescale_base
 
 
@@ -295,25 +296,35 @@ def _block(name: str, value: int | None, default: int) -> int:
 
 
 def _blocks(N: int, V: int, H: int, itemsize: int, device: torch.device, block_m, block_n, block_k
-            ) -> tuple[int, int, int]:
+            ) -> tuple[int, int, int, int]:
+    """-> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), the same for the forward and the backward."""
     if device.type == "cuda":
-        # tensor-core tiles: 128 x 128 fp32 accumulator over 8 warps, K chunks of 128 bytes per row (64 bf16 or
-        # 32 fp32: fp32 operands at 64 would need 64 KiB of shared memory per pipeline stage)
-        dm, dn, dk = 128, 128, 128 // itemsize
+        # The largest tiles that compile without register spills under triton 3.6 and 3.9 on sm_80 and sm_90a
+        # (scripts/triton_compile_matrix.py reads them): K chunks of 128 bytes per row (64 bf16 or 32 fp32).
+        # 2-byte inputs: 128 x 128 over 16 warps on Hopper (8 warps spilled 20 B a thread in the forward with
+        # entropy under 3.6; 16 warps spill 12 B with entropy, self-certainty and bias together, accepted in the
+        # matrix), 64 x 128 over 8 warps on sm_80 (128 x 128 spilled 24 B forward, 400 B backward).
+        # fp32 spills at any 128-wide tile (up to 600 B in the backward); 64 x 64 over 16 warps does not.
+        if itemsize == 4:
+            dm, dn, warps = 64, 64, 16
+        elif capability(device) >= 90:
+            dm, dn, warps = 128, 128, 16
+        else:
+            dm, dn, warps = 64, 128, 8
+        dk = 128 // itemsize
         if N <= 64:
             dm = 64
     else:
         # the interpreter runs numpy per op: small tiles keep tests cheap and every loop exercised
-        dm, dn, dk = 16, 64, 32
+        dm, dn, dk, warps = 16, 64, 32, 4
     np2 = triton.next_power_of_2
     dm = max(16, min(dm, np2(max(N, 1))))
     dn = max(16, min(dn, np2(max(V, 1))))
     dk = max(16, min(dk, np2(max(H, 1))))
-    return _block("block_m", block_m, dm), _block("block_n", block_n, dn), _block("block_k", block_k, dk)
-
-
-def _num_warps(block_m: int, block_n: int) -> int:
-    return 8 if block_m * block_n >= 128 * 128 else 4
+    bm, bn, bk = _block("block_m", block_m, dm), _block("block_n", block_n, dn), _block("block_k", block_k, dk)
+    # tiles shrunk to a small N / V, or chosen by the caller: >= 8 tile elements a thread and <= 4 warps per 16
+    # rows (a 16 x 128 tile over 8 warps spilled on sm_80)
+    return bm, bn, bk, max(1, min(warps, bm * bn // 256, bm // 4))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -374,7 +385,7 @@ def linear_token_stats_fwd_triton(hidden: Tensor, weight: Tensor, bias: Tensor |
     if N == 0:
         return lp, ent, sc, lse
 
-    bm, bn, bk = _blocks(N, V, H, hidden.element_size(), dev, block_m, block_n, block_k)
+    bm, bn, bk, warps = _blocks(N, V, H, hidden.element_size(), dev, block_m, block_n, block_k)
     m_blocks = triton.cdiv(N, bm)
     splits, tiles_per_split = vocab_splits(m_blocks, triton.cdiv(V, bn), dev, num_splits)
     inv_t = 1.0 / float(temperature)
@@ -388,12 +399,15 @@ def linear_token_stats_fwd_triton(hidden: Tensor, weight: Tensor, bias: Tensor |
         hidden, weight, hidden if bias is None else bias, labels, lp, ent_arg, sc_arg, lse, ws,
         N, V, H, hidden.stride(0), weight.stride(0), inv_t, log_v, inv_v, ignore_index, splits, tiles_per_split,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, SPLIT=splits > 1,
-        UPCAST=interpreting(), PRECISION=_precision(hidden.dtype), num_warps=_num_warps(bm, bn), **common)
+        UPCAST=interpreting(), PRECISION=_precision(hidden.dtype), num_warps=warps, **common)
     if splits > 1:
-        block_r = 16
+        # a program merges BLOCK_R rows x BLOCK_S splits x 5 partials: at most 1024 (row, split) pairs over up
+        # to 4 warps, <= 40 values a thread (16 rows x 512 splits on one warp spilled 12 KiB a thread on sm_80)
+        block_s = max(2, triton.next_power_of_2(splits))
+        block_r = max(1, min(16, 1024 // block_s))
         _linear_token_stats_merge_kernel[(triton.cdiv(N, block_r),)](
             ws, labels, lp, ent_arg, sc_arg, lse, N, V, log_v, inv_v, ignore_index, splits,
-            BLOCK_R=block_r, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=1, **common)
+            BLOCK_R=block_r, BLOCK_S=block_s, num_warps=max(1, min(4, block_r * block_s // 256)), **common)
     return lp, ent, sc, lse
 
 
@@ -427,7 +441,7 @@ def linear_token_stats_bwd_triton(grad_logprobs: Tensor | None, grad_entropy: Te
     db = torch.zeros((V,), dtype=f32, device=dev) if need_bias else (hidden if bias is None else bias).new_empty((0,))
     has_grad = any(g is not None for g in (grad_logprobs, grad_entropy, grad_self_certainty))
     if N > 0 and has_grad and (need_hidden or need_weight or need_bias):
-        bm, bn, bk = _blocks(N, V, H, hidden.element_size(), dev, block_m, block_n, block_k)
+        bm, bn, bk, warps = _blocks(N, V, H, hidden.element_size(), dev, block_m, block_n, block_k)
         dummy = lse
         _linear_token_stats_bwd_kernel[(triton.cdiv(N, bm), triton.cdiv(V, bn))](
             dh if need_hidden else dummy, dw if need_weight else dummy, db if need_bias else dummy,
@@ -442,7 +456,7 @@ def linear_token_stats_bwd_triton(grad_logprobs: Tensor | None, grad_entropy: Te
             HAS_GLP=grad_logprobs is not None, HAS_GH=grad_entropy is not None,
             HAS_GSC=grad_self_certainty is not None,
             NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=bool(need_bias), FILTER=filter_eps > 0,
-            UPCAST=interpreting(), PRECISION=_precision(hidden.dtype), num_warps=_num_warps(bm, bn))
+            UPCAST=interpreting(), PRECISION=_precision(hidden.dtype), num_warps=warps)
     if need_hidden and hidden.dtype != f32:
         dh = dh.to(hidden.dtype)
     if need_weight and weight.dtype != f32:
