@@ -1,45 +1,346 @@
 #!/usr/bin/env bash
-# The GPU block of a session that is lent a GPU, in one device call (see DEVELOPERS / device METHOD notes):
-#   1. installs the carried peer wheels (.whl/, gitignored: liger-kernel, cut-cross-entropy, trl) into /tmp/site
-#   2. measures the two ceilings: device-to-device copy bandwidth and the dense bf16 matmul rate
-#   3. builds hotloop with its CUDA kernels (sm_90a) against the machine's torch
-#   4. runs the GPU tests (cuda + triton backends, real GPU, no interpreter)
-#   5. runs the benchmark suite against the peers
-# Everything lands under $OUT (logs, results/<device>/*.json|md) for the session to commit.
-# Usage on the device: bash benchmarks/gpu_check.sh [--quick]   (carry: .whl)
+# hotloop's GPU check: the whole GPU block of a session lent a GPU, in ONE device call that stays under 9 minutes.
+#   bash benchmarks/gpu_check.sh [bench options]      on the GPU machine (device tool call; carry: .whl)
+#   bash benchmarks/gpu_check.sh --dry-run            anywhere, CI included (HOTLOOP_GPU_CHECK_DRY_RUN=1 too):
+#                                                     CPU stand-ins for the GPU parts, the same packing, ~1 minute
+# Steps, each under its own time bound (seconds, GPU / dry run) and under the global budget
+# (HOTLOOP_GPU_CHECK_BUDGET_S, default 530 / 200, of which 45 are kept for packing), so a hung step costs its
+# bound and the run still packs its results in time:
+#   wheels        60 /  -   .whl/*.whl (liger-kernel, cut-cross-entropy, trl; ninja for a parallel build) into
+#                           /tmp/site, on PYTHONPATH (and /tmp/site/bin on PATH)
+#   nvidia-smi    20 /  20
+#   ceilings      60 /  60  device-to-device copy bandwidth and dense bf16 matmul rate (dry run: tiny CPU ones)
+#   build        240 /  -   pip install -e . with MAX_JOBS=$(nproc), TORCH_CUDA_ARCH_LIST=9.0a; log kept. If
+#                           hotloop._C does not import, tests / sanitizer / bench are skipped and the exit is 1
+#                           (dry run: no build, the import is checked)
+#   tests-N      150 /  60  pytest -k "cuda or triton" (CUDA and Triton backends against CPU / float64
+#                           references) in HOTLOOP_GPU_TEST_SHARDS (4) parallel shards by file, junit per shard;
+#                           SIGINT at the bound, so pytest still writes its junit (dry run: 2 small files)
+#   sanitizer    150 /  60  benchmarks/sanitizer_cases.py: compute-sanitizer memcheck over one small case per
+#                           kernel family and backend, in parallel with the tests; an unsupported sanitizer
+#                           ("Device not supported") is recorded, not fatal (dry run: the cases on CPU, plainly)
+#   bench-NAME    75 /  60  python -m benchmarks.run --only NAME for each of HOTLOOP_GPU_BENCHES (default, in
+#                           order: linear_token_stats policy_loss token_stats preference_loss train_step) against
+#                           the peers without torch.compile; options given to this script go to every bench
+#                           (e.g. --cases bf16); dry run: --quick group_advantages policy_loss
+#   pack      40+20 always  (EXIT trap) summary.md / summary.png (benchmarks.run --summarize), summary.txt
+#                           (benchmarks/gpu_check_summary.py), gpu_check.tar.gz; checks $OUT's limits; prints
+#                           the summary last (the device tool returns the output's last 12,000 characters)
+# $OUT (default /tmp/hotloop_gpu_out) gets 3 files: gpu_check.tar.gz (gpu_check/: steps.tsv, summary.txt, logs/,
+# junit/, sanitizer/, results/<device>/*.json|md|png), summary.txt, summary.png. Exit 0 when every step is ok.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SELF=$ROOT/benchmarks/gpu_check.sh
+cd "$ROOT"
+
+DRY=${HOTLOOP_GPU_CHECK_DRY_RUN:-0}
+BENCH_ARGS=()
+for a in "$@"; do
+  if [[ $a == --dry-run ]]; then DRY=1; else BENCH_ARGS+=("$a"); fi
+done
+[[ $DRY == 1 ]] || DRY=0
 OUT=${OUT:-/tmp/hotloop_gpu_out}
-mkdir -p "$OUT"
+if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
+elif [[ $DRY == 1 && -x $ROOT/.venv/bin/python ]]; then PY=$ROOT/.venv/bin/python
+else PY=python3; fi
 export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+NPROC=$(nproc 2>/dev/null || echo 2)
+if [[ $DRY == 1 ]]; then BUDGET=${HOTLOOP_GPU_CHECK_BUDGET_S:-200}; else BUDGET=${HOTLOOP_GPU_CHECK_BUDGET_S:-530}; fi
+RESERVE=45  # seconds kept for packing
+T0=$SECONDS
+STAMP=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT"
+STAGE=$(mktemp -d "${TMPDIR:-/tmp}/hotloop_gpu_check.XXXXXX")
+WORK=$STAGE/gpu_check
+LOGS=$WORK/logs
+mkdir -p "$LOGS" "$WORK/junit" "$WORK/sanitizer" "$WORK/results"
+: > "$WORK/steps.tsv"
+rm -f "$OUT/gpu_check.tar.gz" "$OUT/summary.txt" "$OUT/summary.png"
+
+# ------------------------------------------------------------------------------------------------ step helpers
+record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "${5:-}" >> "$WORK/steps.tsv"; }
+
+bound() {  # bound MAX: MAX, or less where the budget (less the packing reserve) has less left
+  local left=$(( BUDGET - RESERVE - (SECONDS - T0) ))
+  (( left < $1 )) && echo "$left" || echo "$1"
+}
+
+# run_step [--int] NAME MAX LOG CMD...: CMD under `timeout` (SIGINT first with --int, then SIGKILL 15 s later),
+# stdout + stderr appended to LOG; one line in steps.tsv; returns CMD's exit status (124: timed out)
+run_step() {
+  local sig=TERM
+  if [[ $1 == --int ]]; then sig=INT; shift; fi
+  local name=$1 max=$2 log=$3; shift 3
+  local b t rc
+  b=$(bound "$max")
+  if (( b < 5 )); then
+    record "$name" no-time 0 "$max" "not run: no time left in the budget"
+    echo "skipped: no time left in the budget" >> "$log"
+    return 125
+  fi
+  t=$SECONDS
+  echo "\$ $* (bound ${b}s)" >> "$log"
+  timeout -s "$sig" -k 15 "$b" "$@" >> "$log" 2>&1 &
+  local tpid=$!
+  echo "$tpid" > "$STAGE/pid.$name"  # for finish, should this script be stopped first
+  wait "$tpid"
+  rc=$?
+  rm -f "$STAGE/pid.$name"
+  case $rc in
+    0) record "$name" ok $((SECONDS - t)) "$b" ;;
+    124|137) record "$name" timeout $((SECONDS - t)) "$b" "stopped at the bound; logs/$(basename "$log")" ;;
+    *) record "$name" failed $((SECONDS - t)) "$b" "exit $rc; logs/$(basename "$log")" ;;
+  esac
+  return $rc
+}
+
+# check_out DIR: the device tool's limits on what comes back: at most 8 files, at most 2 folders deep, names of
+# letters / digits / . _ - only, plain files under 16 MiB each
+check_out() {
+  local dir=$1 bad=0 n
+  n=$(find "$dir" -type f | wc -l)
+  (( n <= 8 )) || { echo "out check: $n files (at most 8)"; bad=1; }
+  if [[ -n $(find "$dir" -mindepth 4 | head -1) ]]; then echo "out check: more than 2 folders deep"; bad=1; fi
+  if [[ -n $(find "$dir" -mindepth 1 ! -type f ! -type d | head -1) ]]; then
+    echo "out check: something that is not a plain file"; bad=1
+  fi
+  if [[ -n $(find "$dir" -mindepth 1 -name '*[!A-Za-z0-9._-]*' | head -1) ]]; then echo "out check: bad name"; bad=1; fi
+  if [[ -n $(find "$dir" -type f -size +16777215c | head -1) ]]; then echo "out check: a file over 16 MiB"; bad=1; fi
+  (( bad == 0 )) && echo "out check: ok ($n files in $dir)"
+  return $bad
+}
+
+shrink_logs() {  # keep any log under 4 MiB (head 1 MiB + tail 2 MiB), so the archive stays far below 16 MiB
+  local f
+  while IFS= read -r f; do
+    { head -c 1048576 "$f"; printf '\n\n[... cut by gpu_check.sh ...]\n\n'; tail -c 2097152 "$f"; } > "$f.cut" \
+      && mv "$f.cut" "$f"
+  done < <(find "$WORK" -type f -size +4194304c)
+}
+
+# ------------------------------------------------------------------------------------------------------- pack
+any_alive() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+
+FINISHED=0
+COMPLETED=0  # set after the last step: then the exit status is the summary's verdict
+finish() {
+  local rc=$? t dev
+  (( FINISHED )) && return
+  FINISHED=1
+  (( COMPLETED )) && rc=0
+  if (( ! COMPLETED )); then  # stopped early (a signal): stop the steps still running (timeout passes it on)
+    local f name names=() pids=() waited=0
+    for f in "$STAGE"/pid.*; do
+      [[ -f $f ]] || continue
+      names+=("${f##*/pid.}")
+      pids+=("$(cat "$f")")
+      kill -TERM "${pids[-1]}" 2>/dev/null
+    done
+    while (( waited < 20 )) && any_alive "${pids[@]}"; do sleep 1; waited=$((waited + 1)); done
+    sleep 1  # their run_step records them (exit 143); the ones that could not:
+    for name in "${names[@]}"; do
+      grep -q "^$name"$'\t' "$WORK/steps.tsv" || record "$name" stopped 0 0 "stopped with the script"
+    done
+    record script stopped $((SECONDS - T0)) "$BUDGET" "stopped by a signal (exit $rc)"
+  fi
+  trap '' INT TERM
+  t=$SECONDS
+  # the newest results folder: summary .md / .png over every bench JSON in it
+  dev=$(ls -td "$WORK"/results/*/ 2>/dev/null | head -1)
+  if [[ -n $dev ]]; then
+    local quick=()
+    [[ -z $(find "$dev" -maxdepth 1 -name '*.json' ! -name '*_quick.json' | head -1) ]] && quick=(--quick)
+    timeout -k 5 40 "$PY" -m benchmarks.run --summarize "$dev" "${quick[@]}" > "$LOGS/plot.log" 2>&1 \
+      || echo "summarize / plot exited $?" >> "$LOGS/plot.log"
+    local png
+    png=$(ls "$dev"/summary*.png 2>/dev/null | head -1)
+    [[ -n $png ]] && cp "$png" "$OUT/summary.png"
+  fi
+  record pack ok $((SECONDS - t)) "$RESERVE" "total $((SECONDS - T0)) s"
+  local title="hotloop gpu_check$([[ $DRY == 1 ]] && echo ' (DRY RUN: CPU stand-ins)') $STAMP, $(hostname 2>/dev/null)"
+  timeout -k 5 20 "$PY" -m benchmarks.gpu_check_summary "$WORK" --title "$title" > "$LOGS/summary.log" 2>&1 \
+    || { echo "$title"; echo "result: FAILED: the summary script (logs/summary.log):"; tail -20 "$LOGS/summary.log"
+         cat "$WORK/steps.tsv"; } > "$WORK/summary.txt"
+  cp "$WORK/summary.txt" "$OUT/summary.txt"
+  shrink_logs
+  tar -C "$STAGE" -czf "$OUT/gpu_check.tar.gz" gpu_check
+  local check
+  check=$(check_out "$OUT") || rc=1
+  cat "$WORK/summary.txt"
+  echo "$check"
+  echo "files: $(cd "$OUT" && ls -l | awk 'NR > 1 {printf "%s (%s B)  ", $NF, $5}')"
+  if grep -q '^result: FAILED' "$WORK/summary.txt"; then rc=1; fi
+  rm -rf "$STAGE"
+  exit "$rc"
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+# ------------------------------------------------------------------------------------------------------ steps
+if [[ $DRY == 1 ]]; then
+  if bash -n "$SELF" 2> "$LOGS/bash-n.log"; then record syntax ok 0 0 "bash -n"
+  else record syntax failed 0 0 "bash -n: logs/bash-n.log"; fi
 fi
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 
-"$PY" - > "$OUT/ceilings.txt" 2>&1 <<'PYEOF'
-import torch, triton.testing as tt
-x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16); y = torch.empty_like(x)
-ms = tt.do_bench(lambda: y.copy_(x), return_mode="median")
-print(f"copy_bandwidth_GBps {2 * x.numel() * 2 / ms / 1e6:.0f}")
-a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
-ms = tt.do_bench(lambda: a @ b, return_mode="median")
-print(f"bf16_matmul_TFLOPs {2 * 8192**3 / ms / 1e9:.0f}")
-print(torch.__version__, torch.cuda.get_device_name())
+# wheels
+if [[ $DRY == 1 ]]; then
+  whl=$(ls .whl/*.whl 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ')
+  record wheels dry-run 0 0 "would install: ${whl:-nothing (no .whl/*.whl)}"
+elif compgen -G ".whl/*.whl" > /dev/null; then
+  run_step wheels 60 "$LOGS/wheels.log" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  [[ -d /tmp/site/bin ]] && export PATH=/tmp/site/bin:$PATH
+else
+  record wheels skipped 0 60 "no .whl/*.whl carried: peers that are not installed are reported unavailable"
+fi
+
+# nvidia-smi
+if command -v nvidia-smi > /dev/null; then
+  run_step nvidia-smi 20 "$LOGS/nvidia-smi.txt" nvidia-smi
+else
+  echo "nvidia-smi not on PATH" > "$LOGS/nvidia-smi.txt"
+  record nvidia-smi "$([[ $DRY == 1 ]] && echo dry-run || echo failed)" 0 20 "not on PATH"
+fi
+
+# ceilings
+cat > "$WORK/ceilings.py" <<'PYEOF'
+import time, torch
+if torch.cuda.is_available():
+    import triton.testing as tt
+    x = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16); y = torch.empty_like(x)
+    ms = tt.do_bench(lambda: y.copy_(x), return_mode="median")
+    print(f"copy_bandwidth_GBps {2 * x.numel() * 2 / ms / 1e6:.0f}")
+    del x, y
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
+    ms = tt.do_bench(lambda: a @ b, return_mode="median")
+    print(f"bf16_matmul_TFLOPs {2 * 8192**3 / ms / 1e9:.0f}")
+    print(f"where cuda, triton.testing.do_bench median")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, cuda {torch.version.cuda}")
+else:  # the dry run's stand-in: small CPU tensors, perf_counter
+    def best(fn, n=5):
+        fn(); ts = []
+        for _ in range(n):
+            t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+        return min(ts) * 1e3
+    x = torch.randn(1 << 24, dtype=torch.bfloat16); y = torch.empty_like(x)
+    print(f"copy_bandwidth_GBps {2 * x.numel() * 2 / best(lambda: y.copy_(x)) / 1e6:.1f}")
+    a = torch.randn(512, 512, dtype=torch.bfloat16); b = torch.randn_like(a)
+    print(f"bf16_matmul_TFLOPs {2 * 512**3 / best(lambda: a @ b) / 1e9:.3f}")
+    print(f"where cpu stand-in ({torch.get_num_threads()} threads)")
+    print(f"device cpu, torch {torch.__version__}")
 PYEOF
-cat "$OUT/ceilings.txt"
+run_step ceilings 60 "$LOGS/ceilings.txt" "$PY" "$WORK/ceilings.py"
 
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16}
-if ! "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+# build
+BUILT=0
+if [[ $DRY == 1 ]]; then
+  if "$PY" -c "import hotloop._C, hotloop._ext as e; print('hotloop._C: imports; cuda kernels built:',
+               e.has_cuda_kernels())" >> "$LOGS/build.log" 2>&1; then
+    BUILT=1; record build dry-run 0 0 "no build in a dry run; hotloop._C imports"
+  else
+    record build failed 0 0 "dry run: hotloop._C does not import (build it: scripts/setup_env.sh)"
+  fi
+else
+  {
+    echo "nproc $NPROC; ninja: $(command -v ninja || echo 'not on PATH (the build falls back to one job at a time)')"
+    command -v nvcc > /dev/null && nvcc --version | tail -2
+  } >> "$LOGS/build.log" 2>&1
+  MAX_JOBS=${MAX_JOBS:-$NPROC} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} PIP_BREAK_SYSTEM_PACKAGES=1 \
+    run_step build 240 "$LOGS/build.log" "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .
+  if "$PY" -c "import hotloop._C, hotloop._ext as e; print('cuda kernels built:', e.has_cuda_kernels())" \
+       >> "$LOGS/build.log" 2>&1; then
+    BUILT=1
+    if ! grep -q '^cuda kernels built: True' "$LOGS/build.log"; then
+      record build-cuda failed 0 0 "hotloop._C imports but has no CUDA kernels (see logs/build.log)"
+    fi
+  else
+    tail -40 "$LOGS/build.log"
+    record build-import failed 0 0 "hotloop._C does not import: tests, sanitizer and benchmarks skipped"
+  fi
 fi
-"$PY" -c "import hotloop._ext as e; print('cuda kernels built:', e.has_cuda_kernels())" | tee -a "$OUT/build.log"
 
-"$PY" -m pytest -q tests -k "cuda or triton" -p no:cacheprovider > "$OUT/tests.log" 2>&1
-tail -15 "$OUT/tests.log"
+if (( BUILT )); then
+  # tests (shards, in the background) and the sanitizer, at the same time
+  if [[ $DRY == 1 ]]; then
+    SHARDS=${HOTLOOP_GPU_TEST_SHARDS:-2}; T_TESTS=60; T_SAN=60
+    TEST_FILES=${HOTLOOP_GPU_TEST_FILES:-tests/test_ema.py tests/test_byol_loss.py}
+  else
+    SHARDS=${HOTLOOP_GPU_TEST_SHARDS:-4}; T_TESTS=150; T_SAN=150
+    # every test file but the CPU-side tools' (the compile matrix, the benchmarks' smoke run, the examples, this
+    # script's dry run); -k picks the CUDA / Triton tests inside them
+    EXCLUDE=${HOTLOOP_GPU_TEST_EXCLUDE:-test_triton_compile_matrix.py test_gpu_check_dry_run.py \
+      test_benchmarks_smoke.py test_examples.py}
+    TEST_FILES=${HOTLOOP_GPU_TEST_FILES:-$(for f in tests/test_*.py; do
+      [[ " $EXCLUDE " == *" ${f##*/} "* ]] || printf '%s ' "$f"; done)}
+  fi
+  # greedy split by file size (largest first onto the lightest shard)
+  mapfile -t SHARD_FILES < <("$PY" - "$SHARDS" $TEST_FILES <<'PYEOF'
+import os, sys
+n, files = int(sys.argv[1]), sys.argv[2:]
+shards = [[0, []] for _ in range(max(1, min(n, len(files))))]
+for f in sorted(files, key=os.path.getsize, reverse=True):
+    s = min(shards, key=lambda s: s[0]); s[0] += os.path.getsize(f); s[1].append(f)
+for _, fs in shards:
+    print(" ".join(fs))
+PYEOF
+)
+  THREADS=$(( NPROC / (${#SHARD_FILES[@]} + 1) )); (( THREADS < 1 )) && THREADS=1
+  pids=()
+  for i in "${!SHARD_FILES[@]}"; do
+    # shellcheck disable=SC2086
+    OMP_NUM_THREADS=$THREADS run_step --int "tests-$i" "$T_TESTS" "$LOGS/tests-$i.log" "$PY" -m pytest -q \
+      -p no:cacheprovider -k "cuda or triton" -rfE --durations=10 --continue-on-collection-errors \
+      --junitxml="$WORK/junit/tests-$i.xml" ${SHARD_FILES[$i]} &
+    pids+=($!)
+  done
+  if [[ $DRY == 1 ]]; then
+    SAN=(--device cpu --sanitizer none)  # no GPU: the driver and its report, without the sanitizer
+  else
+    SAN=(--device cuda)
+  fi
+  SAN_B=$(bound "$T_SAN")  # its own deadline a little before the step's bound: it writes its report itself
+  SAN_MARGIN=$(( SAN_B / 5 < 3 ? 3 : (SAN_B / 5 > 10 ? 10 : SAN_B / 5) ))
+  run_step sanitizer "$T_SAN" "$LOGS/sanitizer-step.log" "$PY" benchmarks/sanitizer_cases.py --run \
+    --out "$WORK/sanitizer" --timeout $(( SAN_B - SAN_MARGIN )) "${SAN[@]}" &
+  pids+=($!)
+  wait "${pids[@]}"
+  # pytest's exit 5: that shard selected no test
+  sed -i -E 's/^(tests-[0-9]+)\tfailed\t([0-9]+)\t([0-9]+)\texit 5;.*/\1\tok\t\2\t\3\tno test selected/' \
+    "$WORK/steps.tsv"
+  # the sanitizer exits 0 when unsupported (recorded, not a failure) or incomplete (time ran out: a failure)
+  for st in unsupported incomplete; do
+    if grep -qs "\"status\": \"$st\"" "$WORK/sanitizer/sanitizer.json"; then
+      sed -i -E "s/^sanitizer\tok\t/sanitizer\t$st\t/" "$WORK/steps.tsv"
+    fi
+  done
 
-"$PY" -m benchmarks.run --out-dir "$OUT/results" "$@" > "$OUT/bench.log" 2>&1
-tail -60 "$OUT/bench.log"
+  # benchmarks, one bench per call so that each has its own bound; the peers without torch.compile (cold
+  # compiles would take the whole budget)
+  if [[ $DRY == 1 ]]; then
+    BENCHES=${HOTLOOP_GPU_BENCHES:-group_advantages policy_loss}; T_BENCH=60; BENCH_ARGS=(--quick "${BENCH_ARGS[@]}")
+  else
+    BENCHES=${HOTLOOP_GPU_BENCHES:-linear_token_stats policy_loss token_stats preference_loss train_step}
+    T_BENCH=75
+  fi
+  for name in $BENCHES; do
+    case $name in
+      token_stats) prov=(--providers eager,trl,liger,flash_attn,hotloop,hotloop_inplace) ;;
+      linear_token_stats) prov=(--providers eager,liger_flce,liger_chunked,cce) ;;
+      policy_loss) prov=(--providers trl_materialised,liger) ;;
+      preference_loss) prov=(--providers trl_materialised,trl_fused_lm_head,liger) ;;
+      train_step) prov=(--providers trl_materialised,trl_fused_head) ;;
+      *) prov=() ;;
+    esac
+    [[ $DRY == 1 ]] && prov=()
+    run_step "bench-$name" "$T_BENCH" "$LOGS/bench-$name.log" "$PY" -m benchmarks.run --only "$name" --no-plot \
+      --out-dir "$WORK/results" "${prov[@]}" "${BENCH_ARGS[@]}"
+  done
+else
+  record tests skipped 0 0 "no hotloop._C"
+  record sanitizer skipped 0 0 "no hotloop._C"
+  record bench skipped 0 0 "no hotloop._C"
+fi
+COMPLETED=1
+# finish (the EXIT trap) packs, checks $OUT and prints the summary

@@ -1,11 +1,16 @@
 """Run every benchmarks/bench_*.py module, write each one's results plus a combined summary, print the table.
 
     python -m benchmarks.run [--quick] [--out-dir DIR] [--only token_stats] [any bench option, e.g. --cases bf16]
-Results: <out-dir or benchmarks/results>/<device>/<bench>.json|.md and summary[_quick].md.
+    python -m benchmarks.run --summarize benchmarks/results/<device> [--quick]
+Results: <out-dir or benchmarks/results>/<device>/<bench>.json|.md, summary[_quick].md, and (when matplotlib is
+installed; --no-plot skips it) summary[_quick].png: hotloop against each peer, speed and memory, drawn by
+benchmarks/plot_summary.py from every <bench>[_quick].json in that folder. --summarize rewrites summary[_quick].md
+and the PNG from the JSON files already in a folder (after runs of single benches, as benchmarks/gpu_check.sh does).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import pkgutil
 import sys
@@ -28,7 +33,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out-dir")
     ap.add_argument("--only", help="comma-separated bench names (default: all of %s)" % ",".join(discover()))
+    ap.add_argument("--no-plot", action="store_true", help="no summary PNG")
+    ap.add_argument("--summarize", metavar="FOLDER", help="only rewrite FOLDER's summary .md / .png from its JSON")
     args, _ = ap.parse_known_args(argv)  # the rest is for the bench modules
+    if args.summarize:
+        return summarize(Path(args.summarize), args.quick, draw=not args.no_plot)
 
     names = args.only.split(",") if args.only else discover()
     start = time.perf_counter()
@@ -46,8 +55,52 @@ def main(argv=None) -> int:
                f"suite wall time {elapsed:.0f} s; peer/hotloop > 1 means hotloop is faster\n\n{table}\n")
     (folder / f"summary{'_quick' if args.quick else ''}.md").write_text(summary)
     print(summary)
+    if not args.no_plot:
+        plot(folder, args.quick)
     bad = [r for r in records if r.provider.startswith("hotloop") and r.correct is False]
     return 1 if bad else 0  # a wrong hotloop result fails the run (CI); a slow one does not
+
+
+def plot(folder: Path, quick: bool) -> None:
+    """summary[_quick].png of `folder` (benchmarks/plot_summary.py), or a message saying why not."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("(matplotlib not installed: no summary PNG; pip install matplotlib)", file=sys.stderr)
+        return
+    from benchmarks import plot_summary
+
+    try:
+        plot_summary.main([str(folder)] + (["--quick"] if quick else []))
+    except Exception as exc:  # noqa: BLE001  (a plotting problem never fails a benchmark run)
+        print(f"(summary PNG failed: {harness.error_note(exc)})", file=sys.stderr)
+
+
+def summarize(folder: Path, quick: bool, draw: bool = True) -> int:
+    """Rewrite summary[_quick].md (every record of the folder's <bench>[_quick].json files, in bench order) and
+    the PNG. -> 1 when a hotloop result in them is wrong, as main."""
+    import json
+
+    files = [p for p in sorted(folder.glob("*.json")) if p.stem.endswith("_quick") == quick]
+    records, envs = [], []
+    for path in files:
+        payload = json.loads(path.read_text())
+        envs.append(payload.get("env", {}))
+        fields = {f.name for f in dataclasses.fields(harness.Record)}
+        records += [harness.Record(**{k: v for k, v in r.items() if k in fields}) for r in payload.get("records", [])]
+    if not records:
+        print(f"no {'quick ' if quick else ''}results in {folder}", file=sys.stderr)
+        return 1
+    env = max(envs, key=lambda e: e.get("date_utc", ""))
+    summary = (f"# hotloop benchmarks{' (quick)' if quick else ''}\n\n{harness.header_lines(env)}\n\n"
+               f"benches: {', '.join(p.stem for p in files)}; peer/hotloop > 1 means hotloop is faster\n\n"
+               f"{harness.markdown_table(records)}\n")
+    (folder / f"summary{'_quick' if quick else ''}.md").write_text(summary)
+    print(summary)
+    if draw:
+        plot(folder, quick)
+    bad = [r for r in records if r.provider.startswith("hotloop") and r.correct is False]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ else
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q -c "$CONSTRAINTS" torch
 fi
-"$PY" -m pip install -q -c "$CONSTRAINTS" "triton>=3.7.1" ninja pybind11 "setuptools>=64" wheel pytest numpy transformers "trl>=1.16"
+"$PY" -m pip install -q -c "$CONSTRAINTS" "triton>=3.7.1" ninja pybind11 "setuptools>=64" wheel pytest numpy transformers "trl>=1.16" matplotlib
 
 if "$PY" -c "import hotloop" 2>/dev/null; then
   "$PY" setup.py -q build_ext --inplace  # ninja rebuilds only what changed
