@@ -40,16 +40,22 @@ def check_against_reference(backend, monkeypatch, lead, V, dtype, temperature=1.
     x = logits.detach().requires_grad_()
     out = hotloop.token_stats(x, labels, temperature=temperature, ignore_index=ignore_index, self_certainty=True)
     ref, ref_grad = float64_reference(logits, labels, temperature, ignore_index, weights)
+    tol, grad_tol = FWD_TOL[dtype], GRAD_TOL[dtype]
+    if backend == "reference" and dtype != torch.float64:
+        # plain torch sums V float32 terms in an order set by the CPU's vector width, so its error grows with V
+        # (the kernels' does not): on an AVX2 CPU at V = 152064, up to 1.8e-5 forward and 1.6e-4 gradient (2.6e-6
+        # / 2e-5 at 50257); allowed 5e-10 V and 4e-9 V, ~4x that
+        tol, grad_tol = max(tol, 5e-10 * V), max(grad_tol, 4e-9 * V)
     for name, o, r in zip(("logprobs", "entropy", "self_certainty"), out, ref):
         assert o.shape == labels.shape and o.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        assert rel_err(o, r) < FWD_TOL[dtype], f"{name}: {rel_err(o, r):.2e}"
+        assert rel_err(o, r) < tol, f"{name}: {rel_err(o, r):.2e}"
     ignored = labels == ignore_index
     for o in out:
         assert torch.all(o[ignored] == 0)
     loss = sum((o * w).sum() for o, w in zip(out, weights) if w is not None)
     loss.backward()
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
-    assert rel_err(x.grad, ref_grad) < GRAD_TOL[dtype], f"grad: {rel_err(x.grad, ref_grad):.2e}"
+    assert rel_err(x.grad, ref_grad) < grad_tol, f"grad: {rel_err(x.grad, ref_grad):.2e}"
     assert torch.all(x.grad[ignored] == 0)
     return out, x.grad
 
