@@ -304,7 +304,8 @@ def _blocks(N: int, V: int, H: int, itemsize: int, device: torch.device, block_m
         # 2-byte inputs: 128 x 128 over 16 warps on Hopper (8 warps spilled 20 B a thread in the forward with
         # entropy under 3.6; 16 warps spill 12 B with entropy, self-certainty and bias together, accepted in the
         # matrix), 64 x 128 over 8 warps on sm_80 (128 x 128 spilled 24 B forward, 400 B backward).
-        # fp32 spills at any 128-wide tile (up to 600 B in the backward); 64 x 64 over 16 warps does not.
+        # fp32 spills at any 128-wide tile (up to 600 B in the backward); 64 x 64 over 16 warps spills none under
+        # 3.9 and 4 B (ieee, no tensor cores) under 3.6.
         if itemsize == 4:
             dm, dn, warps = 64, 64, 16
         elif capability(device) >= 90:
@@ -401,8 +402,9 @@ def linear_token_stats_fwd_triton(hidden: Tensor, weight: Tensor, bias: Tensor |
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, SPLIT=splits > 1,
         UPCAST=interpreting(), PRECISION=_precision(hidden.dtype), num_warps=warps, **common)
     if splits > 1:
-        # a program merges BLOCK_R rows x BLOCK_S splits x 5 partials: at most 1024 (row, split) pairs over up
-        # to 4 warps, <= 40 values a thread (16 rows x 512 splits on one warp spilled 12 KiB a thread on sm_80)
+        # a program merges BLOCK_R rows x BLOCK_S splits x 5 partials: 1024 (row, split) pairs over up to 4
+        # warps, 40 values a thread, for the <= 4 x SMs splits the heuristic picks (16 rows x 512 splits on one
+        # warp spilled 12 KiB a thread on sm_80); a num_splits override past 1024 gives one row a program
         block_s = max(2, triton.next_power_of_2(splits))
         block_r = max(1, min(16, 1024 // block_s))
         _linear_token_stats_merge_kernel[(triton.cdiv(N, block_r),)](
