@@ -5,6 +5,8 @@
 WORK holds steps.tsv (name, status, seconds, bound, note per step), logs/ (ceilings.txt, build.log, tests-*.log),
 junit/*.xml, sanitizer/sanitizer.json and results/<device>/*.json. Any of them may be missing (a failed or
 skipped step): the summary says so instead. No torch import: it runs even where the build broke.
+Its second line is the verdict gpu_check.sh exits with: "result: ok", "result: incomplete: ..." (only benchmarks
+were cut by the time budget; they are named; exit 0 too) or "result: FAILED: <steps>" (exit 1).
 """
 from __future__ import annotations
 
@@ -113,10 +115,32 @@ def benchmarks(work: Path) -> list[str]:
     return out
 
 
+OK = ("ok", "skipped", "unsupported", "dry-run")
+
+
+def verdict(rows) -> tuple[str, list[str], list[str]]:
+    """("ok" | "incomplete" | "FAILED", failed step names, cut bench names). A benchmark the time budget cut
+    ("incomplete": not run for lack of time, or stopped at its bound) leaves the run incomplete, not failed;
+    any other step not ok (a failed, timed-out or not run build, test shard or sanitizer...) fails it."""
+    cut = [r[0] for r in rows if r[1] == "incomplete" and r[0].startswith("bench-")]
+    failed = [r[0] for r in rows if r[1] not in OK and r[0] not in cut]
+    return ("FAILED" if failed else "incomplete" if cut else "ok"), failed, cut
+
+
+def result_line(rows) -> str:
+    status, failed, cut = verdict(rows)
+    names = ", ".join(n[len("bench-"):] for n in cut)
+    if status == "FAILED":
+        return f"result: FAILED: {', '.join(failed)}" + (f" (and benchmarks cut by the budget: {names})" if cut else "")
+    if status == "incomplete":
+        return (f"result: incomplete: every step ok but {len(cut)} benchmark(s) cut by the time budget, "
+                f"without (full) results: {names}")
+    return "result: ok"
+
+
 def summary(work: Path, title: str = "") -> str:
     rows = steps(work)
-    failed = [r[0] for r in rows if r[1] not in ("ok", "skipped", "unsupported", "dry-run")]
-    lines = [title or "hotloop gpu_check", f"result: {'FAILED: ' + ', '.join(failed) if failed else 'ok'}"]
+    lines = [title or "hotloop gpu_check", result_line(rows)]
     lines.append("steps (status, seconds / bound):")
     pad = max([len(r[0]) for r in rows] + [10])
     for name, status, secs, bound, note in rows:
@@ -125,6 +149,9 @@ def summary(work: Path, title: str = "") -> str:
     lines += tests(work)
     lines += sanitizer(work)
     lines += benchmarks(work)
+    for name, status, _, _, note in rows:
+        if name.startswith("bench-") and status == "incomplete":
+            lines.append(f"  not complete: {name[len('bench-'):]}: {note}")
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,7 @@
     python benchmarks/sanitizer_cases.py --list [--device cuda|cpu]
     python benchmarks/sanitizer_cases.py --run --out DIR [--timeout S] [--sanitizer compute-sanitizer|none]
                                          [--device cuda|cpu] [--plain-if-unsupported] [--cases a,b]
-    python benchmarks/sanitizer_cases.py --worker [--device cuda|cpu] [--cases family/backend,...]
+    python benchmarks/sanitizer_cases.py --worker [--device cuda|cpu] [--cases family/backend,...] [--deadline T]
 
 A case is (family, backend): each family's small, odd-sized inputs (ragged tails for every tile loop) run once
 with HOTLOOP_BACKEND forced to each GPU backend the op has (triton and / or cuda); on --device cpu (the CI dry
@@ -18,7 +18,10 @@ run) every family runs once on the C++ backend instead.
      so an out-of-bounds access inside a cached block is seen), the worker printing BEGIN / END markers around
      each case and synchronising before END; the sanitizer's report lines between a case's markers are that
      case's. A worker that dies inside a case (crash, illegal address) marks it "crashed" and a new worker
-     carries on with the rest, until --timeout seconds are spent (the rest: "not run").
+     carries on with the rest, until --timeout seconds are spent (the rest: "not run"). Each worker (and the
+     probe) runs in its own session: at the deadline its whole process group is killed (the sanitizer and its
+     Python target), the output is read by a thread so that a pipe held open cannot stall the deadline, and the
+     worker ends itself (SIGALRM) 5 s after it, should the orchestrator have been killed first.
   3. writes DIR/sanitizer.log (everything), DIR/sanitizer-probe.log and DIR/sanitizer.json:
      {"status": clean | errors | unsupported | incomplete | plain, "reason", "sanitizer", "seconds",
       "cases": [{"family", "backend", "status": clean | errors | failed | crashed | not run, "mem_errors",
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -183,8 +187,12 @@ def run_case(family: str, dev: str) -> str:
     raise ValueError(f"unknown family {family!r}")
 
 
-def worker(device: str, todo: list[tuple[str, str]]) -> int:
-    """Run the cases in this process, between markers the orchestrator reads."""
+def worker(device: str, todo: list[tuple[str, str]], deadline: float | None = None) -> int:
+    """Run the cases in this process, between markers the orchestrator reads. `deadline` (epoch seconds): a
+    SIGALRM a few seconds after it ends this process, should the orchestrator that kills it be gone."""
+    if deadline:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(max(1, int(deadline - time.time()) + 5))
     import torch
 
     print(f"{MARK} START torch {torch.__version__} device {device}", flush=True)
@@ -206,15 +214,36 @@ def worker(device: str, todo: list[tuple[str, str]]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- orchestrator
-def _run_capture(cmd: list[str], timeout: float, env: dict) -> tuple[int | None, str]:
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL proc's whole process group (it leads its own session: start_new_session=True). Under
+    compute-sanitizer, proc is the sanitizer and the Python target its child: proc.kill() alone would leave the
+    target running, holding the output pipe open."""
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=max(1.0, timeout), env=env, cwd=REPO)
-        return p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"") + (exc.stderr or b"")
-        return None, out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _run_capture(cmd: list[str], timeout: float, env: dict) -> tuple[int | None, str]:
+    """(exit status, or None when it ran past `timeout`; stdout + stderr), the command's whole group killed at
+    the timeout."""
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                env=env, cwd=REPO, start_new_session=True)
     except OSError as exc:
         return -1, f"{type(exc).__name__}: {exc}"
+    try:
+        out, _ = proc.communicate(timeout=max(1.0, timeout))
+        return proc.returncode, out
+    except subprocess.TimeoutExpired as exc:
+        _kill_group(proc)
+        try:
+            out, _ = proc.communicate(timeout=5)  # everything, what came before the timeout included
+        except subprocess.TimeoutExpired:  # a process that left the group still holds the pipe: leave it
+            out = exc.output or ""
+        return None, out.decode(errors="replace") if isinstance(out, bytes) else out
+    finally:
+        _kill_group(proc)
 
 
 def probe(sanitizer: str, timeout: float, env: dict, log: Path, device: str = "cuda") -> tuple[bool, str]:
@@ -292,9 +321,8 @@ def orchestrate(args) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        for p in result.pop("_procs", []):
-            if p.poll() is None:
-                p.kill()
+        for p in result.pop("_procs", []):  # the workers' whole groups (a signal: this run is being stopped)
+            _kill_group(p)
     for c in todo:
         if c not in done:
             done[c] = dict(family=c[0], backend=c[1], status="not run", mem_errors=0, api_errors=0, seconds=0,
@@ -319,23 +347,40 @@ def _one_worker(args, prefix, env, deadline, remaining, done, log_parts, result)
     """One worker process over `remaining` (under the sanitizer unless prefix is empty): fills `done` from its
     markers; a case it died in is "crashed" ("not run" when the deadline killed it)."""
     cmd = prefix + [sys.executable, str(Path(__file__).resolve()), "--worker", "--device", args.device,
-                    "--cases", ",".join(f"{f}/{b}" for f, b in remaining)]
+                    "--deadline", f"{deadline:.0f}", "--cases", ",".join(f"{f}/{b}" for f, b in remaining)]
     log_parts.append(f"$ {' '.join(cmd)}\n")
     current, mem, api = None, 0, 0
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                            bufsize=1)
+    # its own session and process group: at the deadline the whole group is killed, the sanitizer's target too
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            env=env, cwd=REPO, bufsize=1, start_new_session=True)
     result.setdefault("_procs", []).append(proc)
+    lines: queue.Queue = queue.Queue()
 
-    def kill_at_deadline():
-        while proc.poll() is None:
-            if time.time() > deadline:
-                proc.kill()
-                return
-            time.sleep(0.2)
+    def read():  # a reader thread, so that the loop below keeps the deadline even when no line comes
+        try:
+            for ln in proc.stdout:
+                lines.put(ln)
+        except (OSError, ValueError):
+            pass
+        lines.put(None)
 
-    threading.Thread(target=kill_at_deadline, daemon=True).start()
+    threading.Thread(target=read, daemon=True).start()
     n_done = len(done)
-    for line in proc.stdout:
+    killed_at = None
+    while True:
+        now = time.time()
+        if killed_at is None and now >= deadline:
+            _kill_group(proc)
+            killed_at = now
+            log_parts.append(f"\n{MARK} worker killed at the deadline\n")
+        if killed_at is not None and now > killed_at + 3:
+            break  # killed, yet the pipe is still open (a process outside the group): stop reading it
+        try:
+            line = lines.get(timeout=max(0.05, min(1.0, (deadline if killed_at is None else killed_at + 3) - now)))
+        except queue.Empty:
+            continue
+        if line is None:
+            break
         log_parts.append(line)
         if line.startswith(MARK):
             parts = line.split(maxsplit=6)
@@ -356,13 +401,17 @@ def _one_worker(args, prefix, env, deadline, remaining, done, log_parts, result)
                 api += 1
         elif _MEM.match(line):  # between cases: imports, CUDA init, exit
             result["outside_mem_errors"] = result.get("outside_mem_errors", 0) + 1
-    rc = proc.wait()
-    timed_out = time.time() > deadline
+    try:
+        rc = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # its output closed, yet it does not exit
+        _kill_group(proc)
+        rc = proc.wait()
+    timed_out = killed_at is not None or time.time() > deadline
     if current:  # died inside a case
         done[current] = dict(family=current[0], backend=current[1], status="not run" if timed_out else "crashed",
                              mem_errors=mem, api_errors=api, seconds=0,
                              note="timed out" if timed_out else f"worker exited {rc} inside the case")
-    elif len(done) == n_done and rc != 0:
+    elif len(done) == n_done and rc != 0 and not timed_out:
         log_parts.append(f"worker exited {rc} before its first case\n")
         result["_worker_broken"] = True
 
@@ -425,6 +474,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="sanitizer_out", help="--run: folder for sanitizer.json / .log")
     ap.add_argument("--timeout", type=float, default=120, help="--run: seconds for everything")
     ap.add_argument("--probe-timeout", type=float, default=60)
+    ap.add_argument("--deadline", type=float, help="--worker: epoch seconds after which it ends itself")
     ap.add_argument("--sanitizer", default="compute-sanitizer", help="its command, or none")
     ap.add_argument("--plain-if-unsupported", action="store_true",
                     help="run the cases without the sanitizer when it does not work here")
@@ -445,7 +495,7 @@ def main(argv=None) -> int:
         if args.cases:
             keys = set(args.cases.split(","))
             todo = [c for c in todo if f"{c[0]}/{c[1]}" in keys]
-        return worker(args.device, todo)
+        return worker(args.device, todo, args.deadline)
     return orchestrate(args)
 
 
