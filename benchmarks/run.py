@@ -50,15 +50,21 @@ def main(argv=None) -> int:
     env = harness.env_info()
     folder = Path(args.out_dir or harness.DEFAULT_OUT) / env["device"]
     folder.mkdir(parents=True, exist_ok=True)
-    table = harness.markdown_table(records)
-    summary = (f"# hotloop benchmarks{' (quick)' if args.quick else ''}\n\n{harness.header_lines(env)}\n\n"
-               f"suite wall time {elapsed:.0f} s; peer/hotloop > 1 means hotloop is faster\n\n{table}\n")
-    (folder / f"summary{'_quick' if args.quick else ''}.md").write_text(summary)
+    return write_summary(folder, args.quick, env, f"suite wall time {elapsed:.0f} s", records,
+                         draw=not args.no_plot)
+
+
+def write_summary(folder: Path, quick: bool, env: dict, what: str, records: list, draw: bool) -> int:
+    """summary[_quick].md (and the PNG) of `folder`, printed too. -> 1 when a hotloop result is wrong: that fails
+    the run (CI); a slow one does not."""
+    summary = (f"# hotloop benchmarks{' (quick)' if quick else ''}\n\n{harness.header_lines(env)}\n\n"
+               f"{what}; peer/hotloop > 1 means hotloop is faster\n\n{harness.markdown_table(records)}\n")
+    (folder / f"summary{'_quick' if quick else ''}.md").write_text(summary)
     print(summary)
-    if not args.no_plot:
-        plot(folder, args.quick)
+    if draw:
+        plot(folder, quick)
     bad = [r for r in records if r.provider.startswith("hotloop") and r.correct is False]
-    return 1 if bad else 0  # a wrong hotloop result fails the run (CI); a slow one does not
+    return 1 if bad else 0
 
 
 def plot(folder: Path, quick: bool) -> None:
@@ -78,10 +84,12 @@ def plot(folder: Path, quick: bool) -> None:
 
 def summarize(folder: Path, quick: bool, draw: bool = True) -> int:
     """Rewrite summary[_quick].md (every record of the folder's <bench>[_quick].json files, in bench order) and
-    the PNG. -> 1 when a hotloop result in them is wrong, as main."""
+    the PNG, as write_summary."""
     import json
 
-    files = [p for p in sorted(folder.glob("*.json")) if p.stem.endswith("_quick") == quick]
+    from benchmarks.plot_summary import result_files
+
+    files = result_files(folder, quick)
     records, envs = [], []
     for path in files:
         payload = json.loads(path.read_text())
@@ -92,15 +100,7 @@ def summarize(folder: Path, quick: bool, draw: bool = True) -> int:
         print(f"no {'quick ' if quick else ''}results in {folder}", file=sys.stderr)
         return 1
     env = max(envs, key=lambda e: e.get("date_utc", ""))
-    summary = (f"# hotloop benchmarks{' (quick)' if quick else ''}\n\n{harness.header_lines(env)}\n\n"
-               f"benches: {', '.join(p.stem for p in files)}; peer/hotloop > 1 means hotloop is faster\n\n"
-               f"{harness.markdown_table(records)}\n")
-    (folder / f"summary{'_quick' if quick else ''}.md").write_text(summary)
-    print(summary)
-    if draw:
-        plot(folder, quick)
-    bad = [r for r in records if r.provider.startswith("hotloop") and r.correct is False]
-    return 1 if bad else 0
+    return write_summary(folder, quick, env, f"benches: {', '.join(p.stem for p in files)}", records, draw)
 
 
 if __name__ == "__main__":
