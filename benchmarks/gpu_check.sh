@@ -273,7 +273,7 @@ run_step ceilings "$T_CEIL" "$LOGS/ceilings.txt" "$PY" "$WORK/ceilings.py"
 # build
 BUILT=0
 if [[ $DRY == 1 ]]; then
-  if bounded "$T_IMPORT" "$PY" -c "import hotloop._C, hotloop._ext as e
+  if bounded "$T_IMPORT" "$PY" -c "import hotloop._C, hotloop._internal.extension as e
 print('hotloop._C: imports; cuda kernels built:', e.has_cuda_kernels())" >> "$LOGS/build.log" 2>&1; then
     BUILT=1; record build dry-run 0 0 "no build in a dry run; hotloop._C imports"
   else
@@ -286,7 +286,7 @@ else
   } >> "$LOGS/build.log" 2>&1
   MAX_JOBS=${MAX_JOBS:-$NPROC} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} PIP_BREAK_SYSTEM_PACKAGES=1 \
     run_step build 180 "$LOGS/build.log" "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e .
-  if bounded "$T_IMPORT" "$PY" -c "import hotloop._C, hotloop._ext as e; print('cuda kernels built:',
+  if bounded "$T_IMPORT" "$PY" -c "import hotloop._C, hotloop._internal.extension as e; print('cuda kernels built:',
        e.has_cuda_kernels())" >> "$LOGS/build.log" 2>&1; then
     BUILT=1
     if ! grep -q '^cuda kernels built: True' "$LOGS/build.log"; then

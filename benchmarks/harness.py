@@ -123,7 +123,7 @@ def importable(module: str) -> Callable[[], str | None]:
 def hotloop_backend(op: str, dev: torch.device, available: tuple[str, ...] | None = None) -> str | None:
     """The backend hotloop picks for `op` on `dev` (recorded with the results), or None when it has none."""
     try:
-        from hotloop._backend import BACKENDS, resolve_backend
+        from hotloop._internal.dispatch import BACKENDS, resolve_backend
 
         return resolve_backend(op, dev, available or BACKENDS)
     except Exception:  # noqa: BLE001  (not installed / not built: the records say so)

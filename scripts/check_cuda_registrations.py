@@ -9,7 +9,7 @@ hand-kept list:
   - CUDA implementations: every m.impl("...") inside TORCH_LIBRARY_IMPL(hotloop, CUDA, m) of csrc/bindings/*.cpp.
 Passes when every *_cuda schema has an implementation in the sources and a CUDA kernel in the dispatcher, every
 CUDA implementation has a schema, no *_cuda op has a CPU kernel (nor *_cpu op a CUDA kernel), every hotloop:: op
-has a schema, and hotloop._ext.has_cuda_kernels() is True. Exit 1 with one line per problem otherwise.
+has a schema, and hotloop._internal.extension.has_cuda_kernels() is True. Exit 1 with one line per problem otherwise.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def main() -> int:
 
     import torch
 
-    import hotloop._ext as ext
+    import hotloop._internal.extension as ext
 
     problems = []
     if ext._C is None:
@@ -83,7 +83,7 @@ def main() -> int:
         return 1
     print(f"check_cuda_registrations: torch {torch.__version__} (CUDA {torch.version.cuda}), {ext._C.__file__}")
     if not ext.has_cuda_kernels():
-        problems.append("hotloop._ext.has_cuda_kernels() is False: _C was built without HOTLOOP_WITH_CUDA")
+        problems.append("hotloop._internal.extension.has_cuda_kernels() is False: _C was built without HOTLOOP_WITH_CUDA")
 
     registered = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("hotloop::")}
     for name in sorted(set(schemas) - registered):

@@ -94,8 +94,8 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
     compiles (block sizes from V / H / N, vocabulary splits from the row count, fixed vs ragged groups)."""
     import torch
 
-    from hotloop.reference.group_advantages import KINDS as GA_KINDS
-    from hotloop.reference.preference_loss import KIND_IDS as PREF_KINDS
+    from hotloop.contracts import ADVANTAGE_KINDS as GA_KINDS
+    from hotloop.contracts import PREFERENCE_KIND_IDS as PREF_KINDS
     from hotloop.triton_kernels import (byol_loss, dino_loss, group_advantages, linear_token_stats, policy_loss,
                                         preference_loss, token_stats)
 

@@ -11,7 +11,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _cuda_kernels_built() -> bool:
-    from hotloop._ext import has_cuda_kernels
+    from hotloop._internal.extension import has_cuda_kernels
 
     return has_cuda_kernels()
 

@@ -303,7 +303,7 @@ def test_ddp_two_processes_same_teacher():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
 @pytest.mark.parametrize("pair", PAIRS[:5], ids=lambda p: f"{str(p[0])[6:]}<-{str(p[1])[6:]}")
 def test_cuda_matches_float64(pair):
-    from hotloop._ext import has_cuda_kernels
+    from hotloop._internal.extension import has_cuda_kernels
 
     if not has_cuda_kernels():
         pytest.skip("the extension was built without CUDA kernels")

@@ -12,7 +12,7 @@ import pytest
 import setuptools
 import torch
 
-import hotloop._ext as ext
+import hotloop._internal.extension as ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = torch.__version__.split("+", 1)[0]
@@ -80,11 +80,11 @@ def test_import_refuses_c_built_for_another_torch():
     out = _run_with_build_info("2.0.0+cu118", """
         import os
         import torch
-        assert hotloop._ext._C is None and "hotloop._C" not in sys.modules, "a mismatching _C was loaded"
+        assert hotloop._internal.extension._C is None and "hotloop._C" not in sys.modules, "a mismatching _C was loaded"
         assert len(warned) == 1, warned
         print("WARNED:", warned[0])
         try:
-            hotloop._ext.require_extension("cpu")
+            hotloop._internal.extension.require_extension("cpu")
         except RuntimeError as e:
             print("ERROR:", e)
         else:
@@ -114,7 +114,7 @@ def test_import_loads_c_built_for_this_torch_release():
     assert _build_info.TORCH_VERSION.split("+", 1)[0] == RELEASE
     assert ext._IMPORT_ERROR is None
     out = _run_with_build_info(f"{RELEASE}+cu999", """
-        assert hotloop._ext._C is not None, hotloop._ext._IMPORT_ERROR
+        assert hotloop._internal.extension._C is not None, hotloop._internal.extension._IMPORT_ERROR
         assert not warned, warned
         print("LOADED")
     """)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hotloop.reference.policy_loss import LOG_RATIO_CLAMP, NFT_LOG_RATIO_MAX
+from hotloop.contracts import LOG_RATIO_CLAMP, NFT_LOG_RATIO_MAX
 from hotloop.triton_kernels._common import check_row_vector
 
 KL_KIND_IDS = {None: 0, "k1": 1, "k2": 2, "k3": 3}

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hotloop.reference.preference_loss import KIND_IDS, LN2
+from hotloop.contracts import LN2
+from hotloop.contracts import PREFERENCE_KIND_IDS as KIND_IDS
 from hotloop.triton_kernels._common import check_row_vector
 
 _BLOCK = 1024  # pairs per program

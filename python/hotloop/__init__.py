@@ -1,5 +1,5 @@
 """hotloop: fused kernels for the hot loops of LLM post-training and self-supervised learning."""
-from hotloop import _ext  # noqa: F401  (loads the compiled kernels when built)
+from hotloop._internal import extension  # noqa: F401  (loads the compiled kernels when built)
 from hotloop import nn
 from hotloop.ops.group_advantages import group_advantages
 from hotloop.ops.linear_losses import linear_nft_loss, linear_policy_loss

@@ -11,9 +11,9 @@ import os
 import torch
 from torch import Tensor
 
-from hotloop._checks import check_positive, check_tensor
+from hotloop._internal.checks import check_positive, check_tensor
 from hotloop.ops.knn import KNN_DTYPES, check_finite, check_k, knn_unchecked_keys
-from hotloop.reference.knn import METRICS
+from hotloop.contracts import KNN_METRICS as METRICS
 
 _OP = "EpisodicMemory"
 WEIGHTINGS = ("softmax", "inverse_distance")

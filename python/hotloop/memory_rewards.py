@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hotloop._checks import check_positive
+from hotloop._internal.checks import check_positive
 from hotloop.memory import EpisodicMemory
 from hotloop.ops.knn import knn_unchecked_keys
 

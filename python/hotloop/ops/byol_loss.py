@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop._backend import resolve_backend
-from hotloop._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from hotloop.ops.attach_grads import loss_with_grads
+from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal.checks import FLOAT_DTYPES, check_same_device, check_tensor
+from hotloop._internal.attach_grads import loss_with_grads
 from hotloop.reference.byol_loss import byol_loss_ref
 
 _OP = "byol_loss"

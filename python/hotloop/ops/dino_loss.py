@@ -19,9 +19,9 @@ import numbers
 import torch
 from torch import Tensor
 
-from hotloop._backend import resolve_backend
-from hotloop._checks import FLOAT_DTYPES, check_positive, check_same_device, check_tensor
-from hotloop.ops.attach_grads import loss_with_grads
+from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal.checks import FLOAT_DTYPES, check_positive, check_same_device, check_tensor
+from hotloop._internal.attach_grads import loss_with_grads
 from hotloop.reference.dino_loss import dino_loss_ref, update_center_ref
 
 _OP = "dino_loss"

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from hotloop._backend import resolve_backend
-from hotloop._ext import has_cuda_kernels
+from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal.extension import has_cuda_kernels
 from hotloop.reference.ema import ema_update_ref
 
 _OP = "ema_update_"

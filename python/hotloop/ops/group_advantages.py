@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop._backend import resolve_backend
-from hotloop._checks import (FLOAT_DTYPES, LABEL_DTYPES, check_positive, check_same_device, check_tensor,
+from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal.checks import (FLOAT_DTYPES, LABEL_DTYPES, check_positive, check_same_device, check_tensor,
                              labels_checked_on_host)
 from hotloop.reference.group_advantages import KINDS, SCALES, group_advantages_ref
 

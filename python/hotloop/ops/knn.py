@@ -19,8 +19,8 @@ import operator
 import torch
 from torch import Tensor
 
-from hotloop._backend import resolve_backend
-from hotloop._checks import check_same_device, check_tensor, labels_checked_on_host
+from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal.checks import check_same_device, check_tensor, labels_checked_on_host
 from hotloop.reference.knn import METRICS, knn_ref
 
 _OP = "knn"

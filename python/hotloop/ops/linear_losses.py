@@ -17,11 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop._backend import resolve_backend
-from hotloop._checks import check_label_range, check_positive, labels_checked_on_host
-from hotloop.ops.attach_grads import loss_with_grads
+from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal.checks import check_label_range, check_positive, labels_checked_on_host
+from hotloop._internal.attach_grads import loss_with_grads
 from hotloop.ops.linear_token_stats import check_linear_args
-from hotloop.ops.loss_checks import check_real
+from hotloop._internal.loss_checks import check_real
 from hotloop.ops.nft_loss import NFTTerms, check_nft_args
 from hotloop.ops.policy_loss import PolicyTerms, check_policy_args
 

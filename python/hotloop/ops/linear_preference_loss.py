@@ -16,14 +16,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop._backend import resolve_backend
-from hotloop._checks import check_label_range, check_positive, labels_checked_on_host
-from hotloop.ops.attach_grads import loss_with_grads
+from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal.checks import check_label_range, check_positive, labels_checked_on_host
+from hotloop._internal.attach_grads import loss_with_grads
 from hotloop.ops.linear_token_stats import check_linear_args
-from hotloop.ops.loss_checks import MASK_DTYPES, check_choice, check_like, check_real, check_token_layout, float_mask
+from hotloop._internal.loss_checks import MASK_DTYPES, check_choice, check_like, check_real, check_token_layout, float_mask
 from hotloop.ops.preference_loss import preference_loss
 from hotloop.reference.preference_loss import LENGTH_NORMALISED
-from hotloop.ops.row_layout import RowLayout
+from hotloop._internal.row_layout import RowLayout
 
 _OP = "linear_preference_loss"
 _BACKENDS = ("reference", "cpu", "triton")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop._backend import resolve_backend
-from hotloop._checks import (FLOAT_DTYPES, LABEL_DTYPES, check_index, check_label_range, check_positive,
+from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal.checks import (FLOAT_DTYPES, LABEL_DTYPES, check_index, check_label_range, check_positive,
                              check_same_device, check_tensor, labels_checked_on_host)
 from hotloop.ops.token_stats import TokenStats
 from hotloop.reference.linear_token_stats import linear_token_stats_ref

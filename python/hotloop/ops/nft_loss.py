@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop._backend import resolve_backend
-from hotloop._checks import LABEL_DTYPES, check_same_device, check_tensor, labels_checked_on_host
-from hotloop.ops.attach_grads import loss_with_grads
-from hotloop.ops.loss_checks import (MASK_DTYPES, check_choice, check_like, check_per_row, check_real,
+from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal.checks import LABEL_DTYPES, check_same_device, check_tensor, labels_checked_on_host
+from hotloop._internal.attach_grads import loss_with_grads
+from hotloop._internal.loss_checks import (MASK_DTYPES, check_choice, check_like, check_per_row, check_real,
                                      check_token_layout, float_mask, resolve_max_length)
-from hotloop.ops.row_layout import RowLayout
+from hotloop._internal.row_layout import RowLayout
 from hotloop.reference.policy_loss import IMPORTANCE, NFT_METRICS, NFT_RQ_RANGE, nft_loss_ref
 
 _OP = "nft_loss"

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop._backend import resolve_backend
-from hotloop._checks import FLOAT_DTYPES, check_same_device, check_tensor, labels_checked_on_host
-from hotloop.ops.attach_grads import loss_with_grads
-from hotloop.ops.loss_checks import check_choice, check_real
+from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal.checks import FLOAT_DTYPES, check_same_device, check_tensor, labels_checked_on_host
+from hotloop._internal.attach_grads import loss_with_grads
+from hotloop._internal.loss_checks import check_choice, check_real
 from hotloop.reference.preference_loss import (KIND_IDS, KINDS, LENGTH_NORMALISED, REFERENCE_FREE, clamped_lengths,
                                                kto_kl, kto_loss_ref, kto_metrics, preference_loss_ref,
                                                preference_metrics, preference_rewards)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop._checks import LABEL_DTYPES, check_tensor
+from hotloop._internal.checks import LABEL_DTYPES, check_tensor
 from hotloop.ops.linear_token_stats import linear_token_logprobs
-from hotloop.ops.loss_checks import MASK_DTYPES, check_like, check_token_layout, float_mask
-from hotloop.ops.row_layout import RowLayout
+from hotloop._internal.loss_checks import MASK_DTYPES, check_like, check_token_layout, float_mask
+from hotloop._internal.row_layout import RowLayout
 from hotloop.ops.token_stats import token_logprobs
 
 IGNORE = -100

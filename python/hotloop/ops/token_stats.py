@@ -16,11 +16,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hotloop._backend import resolve_backend
-from hotloop._checks import (check_index, check_label_range, check_logits_labels, check_positive,
+from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal.checks import (check_index, check_label_range, check_logits_labels, check_positive,
                              labels_checked_on_host)
-from hotloop._layout import rows3d, rows3d_or_copy
-from hotloop._memory import empty_large
+from hotloop._internal.layout import rows3d, rows3d_or_copy
+from hotloop._internal.memory import empty_large
 from hotloop.reference.token_stats import token_stats_ref
 
 _OP = "token_stats"

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-KINDS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline", "passk")
-SCALES = ("group", "batch", "none")
+from hotloop.contracts import ADVANTAGE_KINDS as KINDS  # noqa: F401
+from hotloop.contracts import ADVANTAGE_SCALES as SCALES  # noqa: F401
 
 
 def _finite_mean_std(x: Tensor) -> tuple[Tensor, Tensor]:

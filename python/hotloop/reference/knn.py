@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-METRICS = ("l2", "ip", "cosine")
-EPS = 1e-8  # cosine: norms below this are clamped (a zero vector has cosine 0 with everything)
+from hotloop.contracts import KNN_COSINE_EPS as EPS
+from hotloop.contracts import KNN_METRICS as METRICS  # noqa: F401
 
 
 def knn_scores_ref(queries: Tensor, keys: Tensor, metric: str) -> Tensor:

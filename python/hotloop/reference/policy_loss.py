@@ -18,14 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-KL_KINDS = ("k1", "k2", "k3")
-AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "dr_grpo")
-IMPORTANCE = ("token", "sequence")
-POLICY_METRICS = ("clip_frac_low", "clip_frac_high", "clip_frac_dual", "ratio_mean", "kl_mean")
-NFT_METRICS = ("ratio_mean", "neg_clamped_frac")
-LOG_RATIO_CLAMP = 20.0   # SPEC §4: rho = exp(clamp(logp - old_logp, -20, 20)); k3 clamps -d the same way
-NFT_LOG_RATIO_MAX = 10.0  # SPEC §5: R = exp(min(logp - old_logp, 10))
-NFT_RQ_RANGE = (0.02, 0.98)
+from hotloop.contracts import (AGGS, IMPORTANCE, KL_KINDS, LOG_RATIO_CLAMP, NFT_LOG_RATIO_MAX,  # noqa: F401
+                               NFT_METRICS, NFT_RQ_RANGE, POLICY_METRICS)
 
 
 # ------------------------------------------------------------------------------------------ per-token contract

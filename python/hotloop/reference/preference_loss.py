@@ -41,15 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KINDS = ("sigmoid", "cdpo", "robust", "hinge", "ipo", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "simpo",
-         "orpo", "cream")
-KIND_IDS = {k: i for i, k in enumerate(KINDS)}
-REFERENCE_FREE = ("simpo", "orpo")
-LENGTH_NORMALISED = ("ipo", "simpo", "orpo")
-PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-                      "logps/rejected")
-KTO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl")
-LN2 = math.log(2.0)
+from hotloop.contracts import (KTO_METRICS, LENGTH_NORMALISED, LN2, PREFERENCE_METRICS,  # noqa: F401
+                               REFERENCE_FREE)
+from hotloop.contracts import PREFERENCE_KIND_IDS as KIND_IDS  # noqa: F401
+from hotloop.contracts import PREFERENCE_KINDS as KINDS
 
 
 def log1mexp(x: Tensor) -> Tensor:

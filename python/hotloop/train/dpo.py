@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from hotloop.ops.linear_preference_loss import linear_preference_loss
-from hotloop.reference.preference_loss import KINDS, REFERENCE_FREE
+from hotloop.contracts import PREFERENCE_KINDS as KINDS
+from hotloop.contracts import REFERENCE_FREE
 from hotloop.train._backbone import Output, check_choice, completions, fused, ref_logps, require
 
 

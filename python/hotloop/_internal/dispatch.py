@@ -43,7 +43,7 @@ def resolve_backend(op: str, device: torch.device, available: tuple[str, ...] = 
     if backend == "triton" and device.type == "cpu" and not _interpreting():
         raise ValueError(f"hotloop.{op}: the triton backend runs on CPU tensors only with TRITON_INTERPRET=1")
     if backend in ("cpu", "cuda"):
-        from hotloop._ext import require_extension
+        from hotloop._internal.extension import require_extension
 
         require_extension(backend)
     return backend

@@ -10,8 +10,8 @@ import numbers
 import torch
 from torch import Tensor
 
-from hotloop._checks import FLOAT_DTYPES, LABEL_DTYPES, check_same_device, check_tensor, labels_checked_on_host
-from hotloop.reference.policy_loss import AGGS
+from hotloop._internal.checks import FLOAT_DTYPES, LABEL_DTYPES, check_same_device, check_tensor, labels_checked_on_host
+from hotloop.contracts import AGGS
 
 # bool, float weights, or TRL's integer 0 / 1 completion masks
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.bfloat16, torch.float16,
