@@ -15,12 +15,11 @@
 #include <vector>
 
 #include "dino_loss.h"
+#include "isa.h"
 #include "simd_math.h"
 
-#ifdef HOTLOOP_ISA_TARGET
-#pragma GCC push_options
-HOTLOOP_TARGET_PRAGMA(HOTLOOP_ISA_TARGET)
-#endif
+#if HOTLOOP_ISA_COMPILED
+HOTLOOP_ISA_BEGIN
 
 namespace hotloop::cpu::HOTLOOP_ISA {
 namespace {
@@ -143,6 +142,5 @@ void dino_loss(const DinoLossParams& p) {
 
 }  // namespace hotloop::cpu::HOTLOOP_ISA
 
-#ifdef HOTLOOP_ISA_TARGET
-#pragma GCC pop_options
+HOTLOOP_ISA_END
 #endif

@@ -1,4 +1,2 @@
-// EMA kernel compiled for the base instruction set (see isa.h).
 #define HOTLOOP_ISA base
-#include "isa.h"
 #include "ema_kernel.h"

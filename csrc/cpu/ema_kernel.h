@@ -6,12 +6,11 @@
 #include <type_traits>
 
 #include "ema.h"
+#include "isa.h"
 #include "simd_math.h"
 
-#ifdef HOTLOOP_ISA_TARGET
-#pragma GCC push_options
-HOTLOOP_TARGET_PRAGMA(HOTLOOP_ISA_TARGET)
-#endif
+#if HOTLOOP_ISA_COMPILED
+HOTLOOP_ISA_BEGIN
 
 namespace hotloop::cpu::HOTLOOP_ISA {
 namespace {
@@ -78,6 +77,5 @@ void ema_slice(const EmaTensor& e, int64_t off, int64_t n, double decay) {
 
 }  // namespace hotloop::cpu::HOTLOOP_ISA
 
-#ifdef HOTLOOP_ISA_TARGET
-#pragma GCC pop_options
+HOTLOOP_ISA_END
 #endif

@@ -7,13 +7,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "isa.h"
 #include "knn.h"
 #include "simd_math.h"
 
-#ifdef HOTLOOP_ISA_TARGET
-#pragma GCC push_options
-HOTLOOP_TARGET_PRAGMA(HOTLOOP_ISA_TARGET)
-#endif
+#if HOTLOOP_ISA_COMPILED
+HOTLOOP_ISA_BEGIN
 
 namespace hotloop::cpu::HOTLOOP_ISA {
 namespace {
@@ -77,6 +76,5 @@ void knn_select_tile(const KnnTileParams& p) {
 
 }  // namespace hotloop::cpu::HOTLOOP_ISA
 
-#ifdef HOTLOOP_ISA_TARGET
-#pragma GCC pop_options
+HOTLOOP_ISA_END
 #endif

@@ -14,13 +14,12 @@
 #include <limits>
 #include <vector>
 
+#include "isa.h"
 #include "simd_math.h"
 #include "token_stats.h"
 
-#ifdef HOTLOOP_ISA_TARGET
-#pragma GCC push_options
-HOTLOOP_TARGET_PRAGMA(HOTLOOP_ISA_TARGET)
-#endif
+#if HOTLOOP_ISA_COMPILED
+HOTLOOP_ISA_BEGIN
 
 namespace hotloop::cpu::HOTLOOP_ISA {
 namespace {
@@ -254,6 +253,5 @@ void token_stats_bwd(const TokenStatsBwdParams& p) {
 
 }  // namespace hotloop::cpu::HOTLOOP_ISA
 
-#ifdef HOTLOOP_ISA_TARGET
-#pragma GCC pop_options
+HOTLOOP_ISA_END
 #endif
