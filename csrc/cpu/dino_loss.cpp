@@ -5,25 +5,8 @@
 
 namespace hotloop::cpu {
 
-#define HOTLOOP_DECLARE_ISA(ns) \
-  namespace ns {                \
-  void dino_loss(const DinoLossParams& p); \
-  }
-HOTLOOP_DECLARE_ISA(base)
-#if defined(__x86_64__)
-HOTLOOP_DECLARE_ISA(avx2)
-HOTLOOP_DECLARE_ISA(avx512)
-#endif
-#undef HOTLOOP_DECLARE_ISA
+HOTLOOP_ISA_DECLARE(void dino_loss(const DinoLossParams& p))
 
-void dino_loss(const DinoLossParams& p) {
-  switch (runtime_isa()) {
-#if defined(__x86_64__)
-    case Isa::avx512: return avx512::dino_loss(p);
-    case Isa::avx2: return avx2::dino_loss(p);
-#endif
-    default: return base::dino_loss(p);
-  }
-}
+void dino_loss(const DinoLossParams& p) { HOTLOOP_ISA_PICK(dino_loss)(p); }
 
 }  // namespace hotloop::cpu

@@ -24,33 +24,12 @@
 namespace hotloop::cpu {
 
 // Per-ISA slice kernels (ema_kernel.h).
-#define HOTLOOP_DECLARE_ISA(ns) \
-  namespace ns {                \
-  void ema_slice(const EmaTensor& e, int64_t off, int64_t n, double decay); \
-  }
-HOTLOOP_DECLARE_ISA(base)
-#if defined(__x86_64__)
-HOTLOOP_DECLARE_ISA(avx2)
-HOTLOOP_DECLARE_ISA(avx512)
-#endif
-#undef HOTLOOP_DECLARE_ISA
+HOTLOOP_ISA_DECLARE(void ema_slice(const EmaTensor& e, int64_t off, int64_t n, double decay))
 
 namespace {
 
 constexpr int64_t kAlign = 64;             // thread slices start on multiples of this many elements
 constexpr int64_t kParallelMin = 1 << 16;  // below this many elements in total one thread is faster
-
-using SliceFn = void (*)(const EmaTensor&, int64_t, int64_t, double);
-
-SliceFn slice_kernel() {
-  switch (runtime_isa()) {
-#if defined(__x86_64__)
-    case Isa::avx512: return avx512::ema_slice;
-    case Isa::avx2: return avx2::ema_slice;
-#endif
-    default: return base::ema_slice;
-  }
-}
 
 }  // namespace
 
@@ -68,7 +47,7 @@ bool ema_update(const EmaParams& p) {
     start[i + 1] = start[i] + e.n;
   }
   const int64_t total = start[p.count];
-  const SliceFn slice = slice_kernel();
+  const auto slice = HOTLOOP_ISA_PICK(ema_slice);  // once per update, not per slice
   const int nt = total >= kParallelMin ? std::max(p.num_threads, 1) : 1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {

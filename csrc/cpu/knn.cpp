@@ -11,16 +11,7 @@
 
 namespace hotloop::cpu {
 
-#define HOTLOOP_DECLARE_ISA(ns) \
-  namespace ns {                \
-  void knn_select_tile(const KnnTileParams& p); \
-  }
-HOTLOOP_DECLARE_ISA(base)
-#if defined(__x86_64__)
-HOTLOOP_DECLARE_ISA(avx2)
-HOTLOOP_DECLARE_ISA(avx512)
-#endif
-#undef HOTLOOP_DECLARE_ISA
+HOTLOOP_ISA_DECLARE(void knn_select_tile(const KnnTileParams& p))
 
 namespace {
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -33,15 +24,7 @@ void knn_heaps_init(float* vals, int64_t* idx, int64_t rows, int64_t k, int num_
   for (int64_t i = 0; i < n; ++i) vals[i] = kInf, idx[i] = -1;
 }
 
-void knn_select_tile(const KnnTileParams& p) {
-  switch (runtime_isa()) {
-#if defined(__x86_64__)
-    case Isa::avx512: return avx512::knn_select_tile(p);
-    case Isa::avx2: return avx2::knn_select_tile(p);
-#endif
-    default: return base::knn_select_tile(p);
-  }
-}
+void knn_select_tile(const KnnTileParams& p) { HOTLOOP_ISA_PICK(knn_select_tile)(p); }
 
 const char* knn_isa() { return isa_name(runtime_isa()); }
 
