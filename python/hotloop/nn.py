@@ -6,7 +6,7 @@ chunk_size are accepted and have nothing to tune here) and runs hotloop.linear_p
 hotloop.linear_nft_loss. Both return (loss, metrics dict) where Liger returns (loss, metrics tuple); the reference
 model's log-probs come precomputed (ref_per_token_logps), not as ref_input / ref_weight.
 DPOLoss / SimPOLoss / ORPOLoss take the arguments of Liger's LigerFusedLinear{DPO,SimPO,ORPO}Loss and run
-hotloop.linear_preference_loss.
+hotloop.linear_preference_loss. hotloop.peer_names maps Liger's option names and values to the ops'.
 """
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ from torch import Tensor
 from hotloop.ops.linear_losses import linear_nft_loss, linear_policy_loss
 from hotloop.ops.linear_preference_loss import linear_preference_loss
 from hotloop.ops.sequence_logprobs import linear_sequence_logprobs
-
-# TRL / Liger loss_type -> SPEC §4 aggregation
-LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean", "dr_grpo": "dr_grpo"}
+from hotloop.peer_names import LOSS_TYPES, policy_options
 
 
 class GRPOLoss(torch.nn.Module):
@@ -43,9 +41,10 @@ class GRPOLoss(torch.nn.Module):
         del compiled, chunk_size  # Liger's knobs: nothing is compiled or chunked by the caller here
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"hotloop.nn.GRPOLoss: `loss_type` must be one of {tuple(LOSS_TYPES)}, got {loss_type!r}")
-        self.options = dict(kl=kl, kl_coef=beta, clip_low=epsilon_low, clip_high=epsilon_high, dual_clip=dual_clip,
-                            importance=importance_sampling_level, agg=LOSS_TYPES[loss_type],
-                            max_length=max_completion_length, temperature=temperature, entropy_coef=entropy_coef)
+        self.options = dict(kl=kl, dual_clip=dual_clip, entropy_coef=entropy_coef, **policy_options(
+            beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+            importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
+            temperature=temperature))
 
     def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,
                 advantages: Tensor, bias: Tensor | None = None, ref_per_token_logps: Tensor | None = None,

@@ -24,11 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hotloop.peer_names import LOSS_TYPES, TRL_DPO_LOSS_TYPES
 from hotloop.train.dpo import DPO
 from hotloop.train.grpo import GRPO
 
-_GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-_DPO_KINDS = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down")
 _MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "token_type_ids",
                "mm_token_type_ids", "image_position_ids")
 
@@ -42,7 +41,7 @@ def grpo_from_trainer(trainer) -> GRPO:
     """hotloop.train.GRPO with a GRPOTrainer's loss options (raises NotImplementedError for unsupported ones)."""
     args = trainer.args
     checks = {
-        f"loss_type={trainer.loss_type!r}": trainer.loss_type not in _GRPO_LOSS_TYPES,
+        f"loss_type={trainer.loss_type!r}": trainer.loss_type not in LOSS_TYPES,
         "off_policy_mask_threshold": trainer.off_policy_mask_threshold is not None,
         "top_entropy_quantile < 1": trainer.top_entropy_quantile < 1.0,
         "an entropy bonus (entropy_coef / adaptive entropy)": getattr(trainer, "_entropy_bonus_enabled", False),
@@ -107,7 +106,8 @@ def dpo_from_trainer(trainer) -> DPO:
     """hotloop.train.DPO with a DPOTrainer's loss options (raises NotImplementedError for unsupported ones)."""
     types = list(trainer.loss_types)
     checks = {
-        f"loss_type={types!r} (one of {_DPO_KINDS} is supported)": len(types) != 1 or types[0] not in _DPO_KINDS,
+        f"loss_type={types!r} (one of {TRL_DPO_LOSS_TYPES} is supported)":
+            len(types) != 1 or types[0] not in TRL_DPO_LOSS_TYPES,
         f"f_divergence_type={trainer.f_divergence_type!r}": trainer.f_divergence_type != "reverse_kl",
         "ld_alpha": trainer.ld_alpha is not None,
         "use_weighting": trainer.use_weighting,
@@ -118,6 +118,7 @@ def dpo_from_trainer(trainer) -> DPO:
     for what, bad in checks.items():
         if bad:
             raise _unsupported("DPOTrainer", what)
+    # of these loss types TRL reads label_smoothing in robust only (its sigmoid ignores it)
     return DPO(kind=types[0], beta=trainer.beta, label_smoothing=trainer.label_smoothing if types[0] == "robust"
                else 0.0, ref_model=trainer.ref_model)
 

@@ -7,6 +7,8 @@ runs, its last hidden states and the lm_head weight go through hotloop's fused o
     DPO             the DPO family: sigmoid, ipo, hinge, robust, ..., simpo, orpo, cream (kind=...)
     SelfCertainty   self-certainty scores (best-of-N, Intuitor rewards) and a confidence loss
     BYOL, DirectPred, DINO   self-supervised steps on hotloop.EMATeacher (any nn.Module; batches of views / crops)
+
+hotloop.train.causal_lm takes the Hugging Face models apart (hotloop.integrations.transformers publishes it).
 """
 from hotloop.train._backbone import Output
 from hotloop.train.byol import BYOL, DirectPred

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hotloop.integrations.transformers import completion_parts
+from hotloop.train.causal_lm import completion_parts
 
 
 @dataclass

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 
 from hotloop.ops.linear_preference_loss import linear_preference_loss
+from hotloop.contracts import PAIR_LAYOUTS, REFERENCE_FREE
 from hotloop.contracts import PREFERENCE_KINDS as KINDS
-from hotloop.contracts import REFERENCE_FREE
 from hotloop.train._backbone import Output, check_choice, completions, fused, ref_logps, require
 
 
@@ -18,7 +18,7 @@ class DPO:
     Args:
         kind: one of hotloop.reference.preference_loss.KINDS ("sigmoid" = DPO, "simpo", "orpo", "cream", "ipo",
             ...); the reference-free kinds (simpo, orpo) need no reference log-probs.
-        beta, label_smoothing, gamma: as `hotloop.preference_loss` (TRL's names).
+        beta, label_smoothing, gamma: as `hotloop.preference_loss` (TRL's names; hotloop.peer_names has the map).
         sft_weight: weight of an NLL term on the chosen tokens (RPO, TRL's rpo_alpha).
         layout: "concatenated" (TRL: the P chosen rows, then the P rejected rows) or "interleaved".
         ref_model: frozen reference model, used when the batch has no ref_chosen_logps / ref_rejected_logps.
@@ -33,7 +33,7 @@ class DPO:
                  sft_weight: float = 0.0, layout: str = "concatenated", ref_model: torch.nn.Module | None = None,
                  temperature: float = 1.0):
         check_choice("DPO", "kind", kind, KINDS)
-        check_choice("DPO", "layout", layout, ("concatenated", "interleaved"))
+        check_choice("DPO", "layout", layout, PAIR_LAYOUTS)
         self.kind, self.ref_model, self.layout, self.temperature = kind, ref_model, layout, temperature
         self.options = dict(kind=kind, beta=beta, label_smoothing=label_smoothing, gamma=gamma,
                             sft_weight=sft_weight, layout=layout, temperature=temperature)

@@ -2,7 +2,7 @@
 group-relative advantages (hotloop.group_advantages) and the clipped policy loss straight from the backbone's
 hidden states and the lm_head weight (hotloop.linear_policy_loss), so the [B, C, V] logits never exist.
 
-Options carry TRL GRPOConfig's names; the variants are settings of them:
+Options carry TRL GRPOConfig's names (hotloop.peer_names maps them to the ops'); the variants are settings of them:
     GRPO (TRL's default)  loss_type="dapo"                    token mean over the batch
     original GRPO         loss_type="grpo"                    mean over sequences of their token means
     Dr.GRPO               loss_type="dr_grpo", scale_rewards="none"   Σ / (B · max_completion_length)
@@ -15,13 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop.nn import LOSS_TYPES
+from hotloop.contracts import IMPORTANCE
 from hotloop.ops.group_advantages import group_advantages
 from hotloop.ops.linear_losses import linear_policy_loss
+from hotloop.peer_names import ADVANTAGES, LOSS_TYPES, SCALE_REWARDS, policy_options
 from hotloop.train._backbone import Output, check_choice, completions, fused, ref_logps, require
-
-_SCALES = {"group": "group", "batch": "batch", "none": "none", True: "group", False: "none"}
-_ADVANTAGES = ("grpo", "rloo", "dr_grpo", "reinforce_pp_baseline")
 
 
 class GRPO:
@@ -59,17 +57,16 @@ class GRPO:
                  eos_token_id: int | None = None, kl: str = "k3", entropy_coef: float = 0.0,
                  ref_model: torch.nn.Module | None = None, reward_eps: float = 1e-4, grad_filter_eps: float = 0.0):
         check_choice("GRPO", "loss_type", loss_type, LOSS_TYPES)
-        check_choice("GRPO", "scale_rewards", scale_rewards, ("group", "batch", "none", True, False))
-        check_choice("GRPO", "advantage", advantage, _ADVANTAGES)
-        check_choice("GRPO", "importance_sampling_level", importance_sampling_level, ("token", "sequence"))
+        check_choice("GRPO", "scale_rewards", scale_rewards, tuple(SCALE_REWARDS))
+        check_choice("GRPO", "advantage", advantage, ADVANTAGES)
+        check_choice("GRPO", "importance_sampling_level", importance_sampling_level, IMPORTANCE)
         self.num_generations, self.beta, self.ref_model = num_generations, beta, ref_model
-        self.advantage, self.scale, self.reward_eps = advantage, _SCALES[scale_rewards], reward_eps
+        self.advantage, self.scale, self.reward_eps = advantage, SCALE_REWARDS[scale_rewards], reward_eps
         self.mask_truncated, self.eos_token_id, self.temperature = mask_truncated_completions, eos_token_id, temperature
-        self.options = dict(kl=kl, kl_coef=beta, clip_low=epsilon,
-                            clip_high=epsilon if epsilon_high is None else epsilon_high,
-                            importance=importance_sampling_level, agg=LOSS_TYPES[loss_type],
-                            max_length=max_completion_length, temperature=temperature, entropy_coef=entropy_coef,
-                            grad_filter_eps=grad_filter_eps)
+        self.options = dict(kl=kl, entropy_coef=entropy_coef, grad_filter_eps=grad_filter_eps, **policy_options(
+            beta=beta, epsilon_low=epsilon, epsilon_high=epsilon if epsilon_high is None else epsilon_high,
+            loss_type=loss_type, importance_sampling_level=importance_sampling_level,
+            max_completion_length=max_completion_length, temperature=temperature))
 
     def advantages(self, batch: dict) -> Tensor:
         """Advantages [B] (or the batch's [B, C]): batch["advantages"] if given, else from batch["rewards"] over
