@@ -1,4 +1,4 @@
-"""hotloop.knn (exact kNN, SPEC §8) against FAISS flat indexes and torch mm + topk.
+"""hotloop.knn (exact kNN, docs/knn.md) against FAISS flat indexes and torch mm + topk.
 
 Cases: CPU 4096 queries x 100,000 keys, d=128, k=16, float32 (squared L2 and inner product); GPU (when there is
 one) 16,384 x 1,000,000, d=768, k=16 and k=1024. Providers:
@@ -152,7 +152,7 @@ def bench_case(case: Case, dev: torch.device, timing: dict, quick: bool) -> list
             rec.note = f"{same:.4%} identical indices"
             rec.ms, rec.reps = harness.time_ms(call, dev, warmup=False, **timing)
             if name == "hotloop":
-                rec.note += f"; backend {harness.hotloop_backend(BENCH, dev, ('reference', 'cpu', 'cuda'))}"
+                rec.note += f"; backend {harness.hotloop_backend('knn_fwd', dev)}"
         except Exception as exc:  # noqa: BLE001  (a failing provider is reported, the rest still run)
             rec.correct, rec.note = False, harness.error_note(exc)
         del out

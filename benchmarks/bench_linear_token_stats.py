@@ -435,7 +435,7 @@ def main(argv=None) -> list[harness.Record]:
 
     env = harness.env_info()
     env["versions"].update({d: harness._version(d) for d in ("cut-cross-entropy", "verl")})
-    extra = {"hotloop_backend": harness.hotloop_backend(BENCH, dev, ("reference", "cpu", "triton")),
+    extra = {"hotloop_backend": harness.hotloop_backend("linear_token_stats_fwd", dev),
              "wall_s": {"timing": round(t1 - t0, 1), "memory": round(t2 - t1, 1)},
              "dense_bf16_mm_tflops": timing["mm_tflops"],
              "useful_flops": "2*N*H*V (fwd), 6*N*H*V (fwdbwd); hotloop's backward logit recompute not counted",

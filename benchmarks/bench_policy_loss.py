@@ -115,7 +115,7 @@ def make_inputs(case: Case, dev: torch.device) -> Inputs:
 
 # --------------------------------------------------------------------------------------------------- reference
 def spec_loss(logp: torch.Tensor, x: Inputs) -> torch.Tensor:
-    """SPEC §4 token-mean loss from log-probs [B, T], in logp's dtype: rho = exp(clamp(logp - old, -20, 20)),
+    """docs/policy_loss.md token-mean loss from log-probs [B, T], in logp's dtype: rho = exp(clamp(logp - old, -20, 20)),
     l = max(-A rho, -A clip(rho, 1 - clip, 1 + clip)) + kl_coef k3(logp - ref), sum(l m) / sum(m), with
     k3(d) = exp(clamp(-d, -20, 20)) + d - 1."""
     dt = logp.dtype

@@ -259,7 +259,7 @@ def main(argv=None) -> list[harness.Record]:
               file=sys.stderr)
 
     env = harness.env_info()
-    extra = {"hotloop_backend": harness.hotloop_backend(BENCH, dev),
+    extra = {"hotloop_backend": harness.hotloop_backend("token_stats_fwd", dev),
              "bytes_moved": "logits read once (+ gradient written once for fwdbwd)",
              "peak_extra": harness.peak_extra_method(dev)}
     return harness.save_results(BENCH, records, env, args, extra)

@@ -198,7 +198,7 @@ class FusedLossBench:
             t2 = time.perf_counter()
         print(f"[{self.name}] timing {t1 - t0:.0f} s, memory probes {t2 - t1:.0f} s", file=sys.stderr)
 
-        extra = {"hotloop_backend": harness.hotloop_backend(self.op, dev),
+        extra = {"hotloop_backend": harness.hotloop_backend("fused_linear_loss", dev),
                  "wall_s": {"timing": round(t1 - t0, 1), "memory": round(t2 - t1, 1)},
                  "loss": self.loss,
                  "reference": "materialised logits in float32 (float64 for float32 inputs); loss and gradients "

@@ -120,12 +120,14 @@ def importable(module: str) -> Callable[[], str | None]:
     return check
 
 
-def hotloop_backend(op: str, dev: torch.device, available: tuple[str, ...] | None = None) -> str | None:
-    """The backend hotloop picks for `op` on `dev` (recorded with the results), or None when it has none."""
+def hotloop_backend(kernel_op: str, dev: torch.device) -> str | None:
+    """The backend hotloop's dispatcher picks for the kernel-level op `kernel_op` (e.g. "token_stats_fwd") on
+    `dev` (recorded with the results), or None when it has none."""
     try:
-        from hotloop._internal.dispatch import BACKENDS, resolve_backend
+        import hotloop  # noqa: F401  (registers the kernels)
+        from hotloop._internal import dispatch
 
-        return resolve_backend(op, dev, available or BACKENDS)
+        return dispatch.backend(kernel_op, dev)
     except Exception:  # noqa: BLE001  (not installed / not built: the records say so)
         return None
 

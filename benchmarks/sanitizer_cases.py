@@ -48,7 +48,7 @@ from pathlib import Path
 MARK = "@@HOTLOOP_SANITIZE"
 REPO = Path(__file__).resolve().parent.parent
 
-# family -> GPU backends that op has (python/hotloop/ops/*.py: _BACKENDS; token_stats has all four)
+# family -> GPU backends that op has (hotloop._internal.dispatch.backends(op); token_stats has all four)
 FAMILIES = {
     "token_stats_fwd": ("triton", "cuda"),
     "token_stats_bwd": ("triton", "cuda"),

@@ -1,4 +1,4 @@
-"""hotloop.byol_loss (SPEC §7): 2 - 2 cos(p, stopgrad(z)), every backend against float64 math, loss and gradient,
+"""hotloop.byol_loss (docs/byol_loss.md): 2 - 2 cos(p, stopgrad(z)), every backend against float64 math, loss and gradient,
 leading shapes, no gradient into z, errors, torch.compile and opcheck."""
 import pytest
 import torch
@@ -70,4 +70,4 @@ def test_compile_and_opcheck(monkeypatch):
     loss.backward()
     assert rel_err(loss.detach(), want_loss) <= 1e-5 and rel_err(p.grad, want_grad) <= 1e-5
     for need_grad in (True, False):
-        torch.library.opcheck(torch.ops.hotloop.byol_loss_fwd.default, (p.detach(), z, need_grad, "cpu"))
+        torch.library.opcheck(torch.ops.hotloop.byol_loss_fwd.default, (p.detach(), z, need_grad))

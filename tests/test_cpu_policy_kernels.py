@@ -1,4 +1,4 @@
-"""C++ CPU kernels of the per-token loss contracts (torch.ops.hotloop.policy_tokens_cpu / nft_tokens_cpu) against
+"""C++ CPU kernels of the per-token loss contracts (hotloop._C.cpu.policy_tokens / nft_tokens_cpu) against
 policy_tokens_ref / nft_tokens_ref computed in float64 on the same inputs.
 
 Inputs are random per test (seeded from the test's parameters) with the hard cases planted in: log-ratios beyond
@@ -88,7 +88,7 @@ def _check(out: torch.Tensor, ref: torch.Tensor, dtype, m: torch.Tensor | None =
 
 def _policy(lr, kld, adv, m, w, dtype, clip_low, clip_high, dual_clip, kl, kl_coef):
     cast = [None if t is None else t.to(dtype) for t in (lr, kld, adv, m, w)]
-    return torch.ops.hotloop.policy_tokens_cpu(*cast, clip_low, clip_high, dual_clip, KL_KINDS[kl], kl_coef)
+    return hotloop._C.cpu.policy_tokens(*cast, clip_low, clip_high, dual_clip, KL_KINDS[kl], kl_coef)
 
 
 @pytest.mark.parametrize("clips", CLIPS)
@@ -114,7 +114,7 @@ def test_policy_tokens_match_reference(N, dtype, kl, dual_clip, clips):
 def test_nft_tokens_match_reference(N, dtype, clamp_negative):
     lr, m, w, r, c = _nft_inputs(N, _gen("nft", N, str(dtype), clamp_negative))
     lr, m, w, r, c = [t.to(dtype).double() for t in (lr, m, w, r, c)]
-    g_lr, sums = torch.ops.hotloop.nft_tokens_cpu(*[t.to(dtype) for t in (lr, m, w, r, c)], clamp_negative)
+    g_lr, sums = hotloop._C.cpu.nft_tokens(*[t.to(dtype) for t in (lr, m, w, r, c)], clamp_negative)
     ref_g_lr, ref_sums = nft_tokens_ref(lr, m, w, r, c, clamp_negative)
     _check(g_lr, ref_g_lr, dtype, m)
     _check(sums, ref_sums, dtype)
@@ -123,9 +123,9 @@ def test_nft_tokens_match_reference(N, dtype, clamp_negative):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_empty(dtype):
     e = torch.empty(0, dtype=dtype)
-    g_lr, g_kl, sums = torch.ops.hotloop.policy_tokens_cpu(e, e, e, e, e, 0.2, 0.2, 3.0, 3, 0.1)
+    g_lr, g_kl, sums = hotloop._C.cpu.policy_tokens(e, e, e, e, e, 0.2, 0.2, 3.0, 3, 0.1)
     assert g_lr.shape == (0,) and g_kl.shape == (0,) and torch.equal(sums, torch.zeros(6, dtype=dtype))
-    g_lr, sums = torch.ops.hotloop.nft_tokens_cpu(e, e, e, e, e, 1.0)
+    g_lr, sums = hotloop._C.cpu.nft_tokens(e, e, e, e, e, 1.0)
     assert g_lr.shape == (0,) and torch.equal(sums, torch.zeros(3, dtype=dtype))
 
 
@@ -140,7 +140,7 @@ def test_deterministic_across_thread_counts():
         for n in (1, 2):
             torch.set_num_threads(n)
             results.append((_policy(lr, kld, adv, m, w, torch.float32, 0.2, 0.28, 3.0, "k3", 0.1),
-                            torch.ops.hotloop.nft_tokens_cpu(*nft, 0.1)))
+                            hotloop._C.cpu.nft_tokens(*nft, 0.1)))
     finally:
         torch.set_num_threads(threads)
     (p1, n1), (p2, n2) = results
@@ -168,14 +168,14 @@ def test_policy_bad_inputs(index, bad, error, match):
     args = _good_policy_args()
     args[index] = bad
     with pytest.raises(error, match=match):
-        torch.ops.hotloop.policy_tokens_cpu(*args)
+        hotloop._C.cpu.policy_tokens(*args)
 
 
 def test_policy_kld_given_without_kl():
     args = _good_policy_args()
     args[8] = 0
     with pytest.raises(ValueError, match="`kld` must be given exactly when kl_kind != 0"):
-        torch.ops.hotloop.policy_tokens_cpu(*args)
+        hotloop._C.cpu.policy_tokens(*args)
 
 
 @pytest.mark.parametrize("index, bad, error, match", [
@@ -188,4 +188,4 @@ def test_nft_bad_inputs(index, bad, error, match):
     args = [torch.zeros(8) for _ in range(5)] + [1.0]
     args[index] = bad
     with pytest.raises(error, match=match):
-        torch.ops.hotloop.nft_tokens_cpu(*args)
+        hotloop._C.cpu.nft_tokens(*args)

@@ -1,4 +1,4 @@
-"""hotloop.dino_loss and hotloop.update_center_ (SPEC §7): every backend against float64 DINO math (loss and
+"""hotloop.dino_loss and hotloop.update_center_ (docs/dino_loss.md): every backend against float64 DINO math (loss and
 student gradient), crop layouts, no-grad calls, errors, torch.compile, opcheck, finite differences, and the centre's
 all-reduce across two gloo processes."""
 import socket
@@ -142,7 +142,7 @@ def test_compile_and_opcheck(monkeypatch):
     assert rel_err(loss.detach(), want_loss) <= 1e-5 and rel_err(s.grad, want_grad) <= 1e-5
     for need_grad in (True, False):
         torch.library.opcheck(torch.ops.hotloop.dino_loss_fwd.default,
-                              (s.detach(), t, c, 2, 0.1, 0.04, need_grad, "cpu"))
+                              (s.detach(), t, c, 2, 0.1, 0.04, need_grad))
 
 
 # ------------------------------------------------------------------------------------------- update_center_

@@ -1,4 +1,4 @@
-"""hotloop.DirectPredictor (SPEC §7): the correlation EMA (first step copies), W = U diag(p) U^T against float64
+"""hotloop.DirectPredictor (docs/byol_loss.md): the correlation EMA (first step copies), W = U diag(p) U^T against float64
 eigh, DirectCopy, the update frequency, eval mode, gradients w.r.t. the input, state_dict, errors."""
 import pytest
 import torch

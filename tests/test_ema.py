@@ -1,4 +1,4 @@
-"""hotloop.ema_update_ and hotloop.EMATeacher (SPEC §7): every dtype pair against float64 math, out_copy, decay
+"""hotloop.ema_update_ and hotloop.EMATeacher (docs/ema.md): every dtype pair against float64 math, out_copy, decay
 0 / 1 / tensors, module buffers, schedules, errors, torch.compile, opcheck, and a 2-process gloo DDP run (plus
 FSDP2-style DTensor parameters) that must give the same teacher on both ranks."""
 import copy
@@ -175,8 +175,8 @@ def test_compile_and_opcheck(monkeypatch):
 
     step(target, online, copies)
     assert all(rel_err(t, w) <= TOL[F32] for t, w in zip(target, want))
-    torch.library.opcheck(torch.ops.hotloop.ema_update.default, (target, online, copies, 0.9, None, "cpu"))
-    torch.library.opcheck(torch.ops.hotloop.ema_update.default, (target, online, [], 0.9, None, "cpu"))
+    torch.library.opcheck(torch.ops.hotloop.ema_update.default, (target, online, copies, 0.9, None))
+    torch.library.opcheck(torch.ops.hotloop.ema_update.default, (target, online, [], 0.9, None))
 
 
 # --------------------------------------------------------------------------------------------- EMATeacher

@@ -1,4 +1,4 @@
-"""hotloop.EpisodicMemory, novelty_reward and memory_rewards against plain float64 math (SPEC §8)."""
+"""hotloop.EpisodicMemory, novelty_reward and memory_rewards against plain float64 math (docs/knn.md)."""
 import math
 
 import pytest

@@ -50,7 +50,7 @@ def test_knn_cpu_many_tiles(metric, blocks):
     """Tiles smaller than the data: heaps carry over key blocks, rows split over query blocks."""
     q, x = _data(29, 700, 16, seed=1)
     for k in (1, 16, 300, 700):
-        s, i = torch.ops.hotloop.knn_cpu(q, x, k, metric, None, *blocks)
+        s, i = hotloop._C.cpu.knn(q, x, k, metric, None, *blocks)
         _check(s, i, q, x, k, metric)
 
 
@@ -141,8 +141,8 @@ def test_knn_argument_errors():
 def test_knn_opcheck():
     q, x = _data(9, 50, 8)
     valid = torch.rand(50, generator=torch.Generator().manual_seed(0)) > 0.3
-    for args in [(q, x, 5, "l2", None, "cpu"), (q, x, 50, "cosine", valid, "cpu"), (q.bfloat16(), x.bfloat16(), 3, "ip",
-                                                                                  None, "cpu")]:
+    for args in [(q, x, 5, "l2", None), (q, x, 50, "cosine", valid), (q.bfloat16(), x.bfloat16(), 3, "ip",
+                                                                                  None)]:
         torch.library.opcheck(torch.ops.hotloop.knn_fwd.default, args)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hotloop
-import hotloop.cpu.linear_loss as cpu_linear_loss
+import hotloop.cpu.tile_engine as tile_engine
 from hotloop.reference.policy_loss import nft_loss_ref, policy_loss_ref, with_entropy_bonus
 
 from helpers import HAS_CUDA, rel_err
@@ -120,7 +120,7 @@ def test_cpu_one_pass_over_many_token_blocks(monkeypatch, dtype):
     hidden, weight, bias, labels, mask, old, ref, adv = _inputs(B, T, H, V, dtype)
     runs = []
     for chunk_bytes in (1 << 30, 5 * V * hidden.element_size()):
-        monkeypatch.setattr(cpu_linear_loss, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(tile_engine, "CHUNK_BYTES", chunk_bytes)
         h, w, b = _leaves(hidden, weight, bias)
         loss, _ = hotloop.linear_policy_loss(h, w, labels, old, adv, mask, bias=b, entropy_coef=0.1)
         loss.backward()

@@ -52,7 +52,7 @@ def test_fused_equals_unfused(monkeypatch, kind, layout):
 def test_cpu_one_pass_in_pair_chunks(monkeypatch, kind, layout, pairs_per_chunk):
     """The one-pass CPU path over chunks of whole pairs (others hold placeholders), and its two-pass fallback when a
     pair does not fit the buffer, equal the reference composition; tiles of a few columns on top."""
-    from hotloop.cpu import linear_loss, vocab_tiles
+    from hotloop.cpu import tile_engine, vocab_tiles
 
     P, T, V = 4, 9, 300
     inputs = _inputs(P, T, 16, V)
@@ -62,7 +62,7 @@ def test_cpu_one_pass_in_pair_chunks(monkeypatch, kind, layout, pairs_per_chunk)
     monkeypatch.setattr(vocab_tiles, "TILE_COLS", 64)
     # a pair has at most 2 (T - 1) tokens; 0 pairs per chunk = a budget below one pair
     rows = 2 * (T - 1) * pairs_per_chunk if pairs_per_chunk else T - 2
-    monkeypatch.setattr(linear_loss, "CHUNK_BYTES", rows * V * 4)
+    monkeypatch.setattr(tile_engine, "CHUNK_BYTES", rows * V * 4)
     fused = _run("cpu", monkeypatch, inputs, **kw)
     assert rel_err(fused[0], ref[0]) < 1e-5
     for name in ref[1]:

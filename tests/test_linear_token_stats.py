@@ -1,9 +1,9 @@
-"""linear_token_stats: values and gradients (hidden, weight, bias) of every backend against float64 (SPEC §2)."""
+"""linear_token_stats: values and gradients (hidden, weight, bias) of every backend against float64 (docs/linear_token_stats.md)."""
 import pytest
 import torch
 
 import hotloop
-import hotloop.cpu.linear_token_stats as cpu_impl
+import hotloop.cpu.tile_engine as tile_engine
 from hotloop.reference import linear_token_stats_ref
 
 from helpers import HAS_CUDA, HAS_TRITON, device_for, interpreted, random_labels, rel_err
@@ -75,7 +75,7 @@ def test_float64_on_cpu(monkeypatch):
 @pytest.mark.parametrize("budget", [1 << 10, 40 << 10, 1 << 20])
 def test_cpu_blocking(budget, monkeypatch):
     """Token chunks, vocabulary blocks and both at once give the same answer as one big block."""
-    monkeypatch.setattr(cpu_impl, "CHUNK_BYTES", budget)
+    monkeypatch.setattr(tile_engine, "BLOCK_BYTES", budget)
     run("cpu", monkeypatch, 150, 48, 3001, torch.float32, temperature=0.9)
     run("cpu", monkeypatch, 150, 48, 3001, torch.bfloat16)
 
@@ -129,7 +129,7 @@ def test_all_rows_ignored(backend, monkeypatch):
 
 
 def test_float16_on_cpu(monkeypatch):
-    monkeypatch.setattr(cpu_impl, "CHUNK_BYTES", 1 << 12)
+    monkeypatch.setattr(tile_engine, "BLOCK_BYTES", 1 << 12)
     for key in (FWD_TOL, GRAD_TOL):
         monkeypatch.setitem(key, torch.float16, key[torch.bfloat16])
     run("cpu", monkeypatch, 33, 40, 500, torch.float16)
@@ -175,9 +175,9 @@ def test_opcheck():
     h, w, b = torch.randn(5, 12, requires_grad=True), torch.randn(33, 12, requires_grad=True), torch.randn(33)
     labels = torch.randint(0, 33, (5,))
     torch.library.opcheck(torch.ops.hotloop.linear_token_stats_fwd.default,
-                          (h, w, b, labels, 0.9, -100, True, False, 0.0, "cpu"))
+                          (h, w, b, labels, 0.9, -100, True, False, 0.0))
     torch.library.opcheck(torch.ops.hotloop.linear_token_stats_fwd.default,
-                          (h, w, None, labels, 1.0, -100, False, True, 0.0, "cpu"))
+                          (h, w, None, labels, 1.0, -100, False, True, 0.0))
 
 
 @pytest.mark.parametrize("make, error, match", [

@@ -1,4 +1,4 @@
-"""policy_loss and nft_loss (SPEC §4, §5): every backend against float64, and parity with the formulas TRL and verl
+"""policy_loss and nft_loss (docs/policy_loss.md, docs/nft_loss.md): every backend against float64, and parity with the formulas TRL and verl
 use for each loss type and aggregation (written here from the math, vectorised, independent of the looped
 reference in hotloop.reference.policy_loss).
 """
@@ -229,7 +229,7 @@ def test_nft_ragged_shuffled_equals_fixed(backend):
 
 
 def test_nft_on_policy_gradient_equals_grpo(backend):
-    """SPEC §5: with R = 1 and normalize=2, NFT's gradient is GRPO's with binary rewards (population std)."""
+    """docs/nft_loss.md: with R = 1 and normalize=2, NFT's gradient is GRPO's with binary rewards (population std)."""
     dev = device_for(backend)
     B, G, T = (6, 3, 5) if interpreted(backend) else (16, 4, 30)
     logp, _, _, mask = _nft_inputs(B, G, T, dev)

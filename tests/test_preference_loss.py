@@ -1,4 +1,4 @@
-"""preference_loss and kto_loss (SPEC §6): every backend against float64 formulas written here the way TRL's
+"""preference_loss and kto_loss (docs/preference_loss.md): every backend against float64 formulas written here the way TRL's
 DPOTrainer / CPOTrainer / ORPOTrainer / KTOTrainer write them (vectorised, independent of
 hotloop.reference.preference_loss), the limits the issue names, metrics, compile, and bad inputs.
 """
@@ -38,7 +38,7 @@ def _pairs(B, dev, dtype=torch.float32, seed=None):
 
 
 def trl_losses(s_w, s_l, r_w, r_l, len_w, len_l, c, nll, kind, beta, eps, gamma):
-    """Per-pair losses in float64, TRL's formulas (SPEC §6)."""
+    """Per-pair losses in float64, TRL's formulas (docs/preference_loss.md)."""
     ls = F.logsigmoid
     hw, hl = s_w - r_w, s_l - r_l
     logits = hw - hl
@@ -295,11 +295,10 @@ def test_opcheck():
     x = _pairs(5, "cpu")
     ones = torch.ones(5)
     for kind_id in (0, 4, 10, 11):
-        args = (x["s_w"], x["s_l"], x["r_w"], x["r_l"], ones * 3, ones * 2, x["c"], x["nll"], kind_id, 0.1, 0.0, 0.5,
-                "cpu")
+        args = (x["s_w"], x["s_l"], x["r_w"], x["r_l"], ones * 3, ones * 2, x["c"], x["nll"], kind_id, 0.1, 0.0, 0.5)
         torch.library.opcheck(torch.ops.hotloop.preference_pairs.default, args)
     torch.library.opcheck(torch.ops.hotloop.kto_items.default,
-                          (x["s_w"], x["r_w"], (x["c"] > 0.5).float(), torch.zeros(1), 0.1, 1.0, 1.0, "cpu"))
+                          (x["s_w"], x["r_w"], (x["c"] > 0.5).float(), torch.zeros(1), 0.1, 1.0, 1.0))
 
 
 def test_errors():

@@ -31,8 +31,8 @@ def _sample_inputs():
         logits = torch.randn(2, 4, 33, dtype=dtype, requires_grad=True)
         labels = torch.randint(0, 33, (2, 4))
         labels[1, 0] = -100
-        yield (logits, labels, 0.8, -100, True, True, False, "cpu")
-        yield (logits, labels, 1.0, -100, False, False, False, "cpu")
+        yield (logits, labels, 0.8, -100, True, True, False)
+        yield (logits, labels, 1.0, -100, False, False, False)
 
 
 @pytest.mark.parametrize("args", list(_sample_inputs()), ids=lambda a: f"{a[0].dtype}-entropy{a[4]}")
@@ -43,7 +43,7 @@ def test_opcheck_forward(args):
 def test_opcheck_backward():
     logits = torch.randn(2, 4, 33)
     labels = torch.randint(0, 33, (2, 4))
-    lp, ent, _, lse = torch.ops.hotloop.token_stats_fwd(logits, labels, 1.0, -100, True, False, False, "cpu")
-    args = (torch.randn(2, 4), torch.randn(2, 4), None, logits, labels, lse, ent, 1.0, -100, "cpu")
+    lp, ent, _, lse = torch.ops.hotloop.token_stats_fwd(logits, labels, 1.0, -100, True, False, False)
+    args = (torch.randn(2, 4), torch.randn(2, 4), None, logits, labels, lse, ent, 1.0, -100)
     torch.library.opcheck(torch.ops.hotloop.token_stats_bwd.default, args)
     torch.library.opcheck(torch.ops.hotloop.token_stats_bwd_inplace.default, (*args[:3], logits.clone(), *args[4:]))

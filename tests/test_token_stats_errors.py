@@ -82,17 +82,17 @@ def test_cpu_kernel_checks_its_own_arguments():
     """The kernel-level op is reachable directly (torch.ops.hotloop.*): it must not trust its caller."""
     logits, labels = torch.randn(2, 3, 7), torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match=r"must be \[B, T, V\]"):
-        torch.ops.hotloop.token_stats_fwd_cpu(logits[0], labels, 1.0, -100, True, False)
+        hotloop._C.cpu.token_stats_fwd(logits[0], labels, 1.0, -100, True, False)
     with pytest.raises(ValueError, match="unit stride along V"):
-        torch.ops.hotloop.token_stats_fwd_cpu(logits.transpose(1, 2), labels, 1.0, -100, True, False)
+        hotloop._C.cpu.token_stats_fwd(logits.transpose(1, 2), labels, 1.0, -100, True, False)
     with pytest.raises(ValueError, match="`labels` must be contiguous"):
-        torch.ops.hotloop.token_stats_fwd_cpu(logits, labels[:, :2], 1.0, -100, True, False)
+        hotloop._C.cpu.token_stats_fwd(logits, labels[:, :2], 1.0, -100, True, False)
     with pytest.raises(ValueError, match="`temperature` must be > 0"):
-        torch.ops.hotloop.token_stats_fwd_cpu(logits, labels, 0.0, -100, True, False)
-    lp, ent, sc, lse = torch.ops.hotloop.token_stats_fwd_cpu(logits, labels, 1.0, -100, True, False)
+        hotloop._C.cpu.token_stats_fwd(logits, labels, 0.0, -100, True, False)
+    lp, ent, sc, lse = hotloop._C.cpu.token_stats_fwd(logits, labels, 1.0, -100, True, False)
     with pytest.raises(ValueError, match="needs the forward's entropy"):
-        torch.ops.hotloop.token_stats_bwd_cpu(torch.empty_like(logits), None, torch.ones(2, 3), None, logits, labels,
+        hotloop._C.cpu.token_stats_bwd(torch.empty_like(logits), None, torch.ones(2, 3), None, logits, labels,
                                               lse, None, 1.0, -100)
     with pytest.raises(TypeError, match="`lse` must be Float"):
-        torch.ops.hotloop.token_stats_bwd_cpu(torch.empty_like(logits), lp, None, None, logits, labels,
+        hotloop._C.cpu.token_stats_bwd(torch.empty_like(logits), lp, None, None, logits, labels,
                                               lse.double(), None, 1.0, -100)

@@ -17,7 +17,7 @@ def test_against_torch(dst_dtype, src_dtype, accumulate):
     dst_full = torch.randn(rows, cols + 9).to(dst_dtype)
     dst = dst_full[:, :cols]
     before, outside = dst.clone(), dst_full[:, cols:].clone()
-    torch.ops.hotloop.transpose_add_cpu(dst, src, accumulate)
+    hotloop._C.cpu.transpose_add(dst, src, accumulate)
     want = src.t().double() + (before.double() if accumulate else 0)
     if dst_dtype == torch.float64 or not accumulate:
         assert torch.equal(dst, want.to(dst_dtype))
@@ -28,8 +28,8 @@ def test_against_torch(dst_dtype, src_dtype, accumulate):
 
 def test_errors():
     with pytest.raises(TypeError, match="`src` must have `dst`'s dtype"):
-        torch.ops.hotloop.transpose_add_cpu(torch.zeros(3, 2, dtype=torch.bfloat16), torch.zeros(2, 3), False)
+        hotloop._C.cpu.transpose_add(torch.zeros(3, 2, dtype=torch.bfloat16), torch.zeros(2, 3), False)
     with pytest.raises(ValueError, match=r"`dst` \[r, c\] and `src` \[c, r\] expected"):
-        torch.ops.hotloop.transpose_add_cpu(torch.zeros(3, 2), torch.zeros(3, 2), False)
+        hotloop._C.cpu.transpose_add(torch.zeros(3, 2), torch.zeros(3, 2), False)
     with pytest.raises(ValueError, match="unit stride"):
-        torch.ops.hotloop.transpose_add_cpu(torch.zeros(2, 3).t(), torch.zeros(2, 3), False)
+        hotloop._C.cpu.transpose_add(torch.zeros(2, 3).t(), torch.zeros(2, 3), False)

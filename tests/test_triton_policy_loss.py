@@ -19,6 +19,7 @@ pl = pytest.importorskip("hotloop.triton_kernels.policy_loss")
 # the poisoned padding makes NaN / inf in the kernels' masked lanes (selected away), which numpy reports
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
+from hotloop.contracts import KL_IDS  # noqa: E402
 from hotloop.reference.policy_loss import nft_tokens_ref, policy_tokens_ref  # noqa: E402
 from helpers import rel_err  # noqa: E402
 
@@ -68,7 +69,7 @@ def policy_inputs(N, kl, gen, lr_scale=0.3):
 
 def policy_both(lr, kld, adv, m, w, kl, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=0.0):
     """(Triton outputs, float64 reference outputs) on the same inputs."""
-    out = pl.policy_tokens_triton(lr, kld, adv, m, w, clip_low, clip_high, dual_clip, pl.KL_KIND_IDS[kl], KL_COEF)
+    out = pl.policy_tokens_triton(lr, kld, adv, m, w, clip_low, clip_high, dual_clip, KL_IDS[kl], KL_COEF)
     ref = policy_tokens_ref(*(None if t is None else t.double() for t in (lr, kld, adv, m, w)), clip_low,
                             clip_high, dual_clip, kl, KL_COEF)
     return out, ref
@@ -164,7 +165,7 @@ def test_policy_all_masked(gen, kl):
     m.zero_()
     poison_padding(m, gen, *(t for t in (lr, kld, adv, w) if t is not None))
     g_lr, g_kl, sums = pl.policy_tokens_triton(lr, kld, adv, m, w, CLIP_LOW, CLIP_HIGH, DUAL_CLIP,
-                                               pl.KL_KIND_IDS[kl], KL_COEF)
+                                               KL_IDS[kl], KL_COEF)
     assert torch.equal(g_lr, torch.zeros(N)) and torch.equal(sums, torch.zeros(6))
     assert torch.equal(g_kl, torch.zeros(N if kl else 0))
 

@@ -12,6 +12,21 @@ from torch import Tensor
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def float32_math(launcher):
+    """A launcher of float32-only kernels that also takes all-float64 inputs (CPU tensors under the interpreter,
+    where the C++ kernels compute in float64): they are computed in float32 and the outputs returned as float64,
+    so every backend honours one contract."""
+    @functools.wraps(launcher)
+    def run(*args):
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        if not tensors or any(t.dtype != torch.float64 for t in tensors):  # mixed dtypes: the launcher's checks
+            return launcher(*args)
+        narrow = [a.float() if isinstance(a, Tensor) and a.dtype == torch.float64 else a for a in args]
+        return tuple(t.double() for t in launcher(*narrow))
+
+    return run
+
+
 def interpreting() -> bool:
     """Triton runs kernels in numpy (TRITON_INTERPRET=1): bf16 tl.dot is wrong there, so callers upcast."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

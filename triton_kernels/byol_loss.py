@@ -1,4 +1,4 @@
-"""Triton kernel for the BYOL / SPR prediction loss (SPEC §7): 2 - 2 cos(p, z) per row and d/dp in one program.
+"""Triton kernel for the BYOL / SPR prediction loss (docs/byol_loss.md): 2 - 2 cos(p, z) per row and d/dp in one program.
 
 One program per row: a pass over D accumulating p.p, z.z and p.z (float32), the row's loss, then a second pass
 writing d loss / d p = -(2 / N) (z / (|p| |z|) - cos p / |p|^2), norms clamped at 1e-12 as F.normalize does,

@@ -1,4 +1,4 @@
-"""Triton kernels for the DINO loss (SPEC §7): per-row fused softmax / log-softmax over K prototypes.
+"""Triton kernels for the DINO loss (docs/dino_loss.md): per-row fused softmax / log-softmax over K prototypes.
 
     1. _dino_teacher_kernel   one program per teacher row: q = softmax((t - c) / tau_t) (online max / sum over
                               K tiles, then a write pass), float32 [n_global * B, K]

@@ -1,4 +1,4 @@
-"""Triton kernels for group-relative advantages (SPEC §3): no host synchronisation, fixed or ragged groups.
+"""Triton kernels for group-relative advantages (docs/group_advantages.md): no host synchronisation, fixed or ragged groups.
 
 Fixed groups (G adjacent responses, G <= 8192): one program per block of BLOCK_G groups loads a
 [BLOCK_G, next_pow2(G)] tile and reduces its rows: mean, squared deviations about the mean (two-pass, exact

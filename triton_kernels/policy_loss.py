@@ -1,4 +1,4 @@
-"""Triton kernels for the per-token contracts of the policy loss (SPEC §4) and the NFT loss (SPEC §5).
+"""Triton kernels for the per-token contracts of the policy loss (docs/policy_loss.md) and the NFT loss (docs/nft_loss.md).
 
 The public ops reduce both losses to elementwise maps plus a few sums: per token a gradient w.r.t. the log-ratio
 lr (and, for the policy loss, w.r.t. the KL difference d), per batch the loss sum and the metric sums. The math,
@@ -21,10 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hotloop.contracts import LOG_RATIO_CLAMP, NFT_LOG_RATIO_MAX
-from hotloop.triton_kernels._common import check_row_vector
+from hotloop.contracts import KL_IDS, LOG_RATIO_CLAMP, NFT_LOG_RATIO_MAX
+from hotloop.triton_kernels._common import check_row_vector, float32_math
 
-KL_KIND_IDS = {None: 0, "k1": 1, "k2": 2, "k3": 3}
 _BLOCK = 1024  # tokens per program
 _POLICY_SUMS = 6
 _NFT_SUMS = 3
@@ -152,14 +151,15 @@ def _check_inputs(N: int, device: torch.device, **tensors: Tensor | None) -> Non
         check_row_vector(name, t, (N,), device)
 
 
+@float32_math
 def policy_tokens_triton(lr: Tensor, kld: Tensor | None, adv: Tensor, m: Tensor, w: Tensor, clip_low: float,
                          clip_high: float, dual_clip: float, kl_kind: int, kl_coef: float
                          ) -> tuple[Tensor, Tensor, Tensor]:
     """policy_tokens_ref on contiguous float32 [N] tensors -> (g_lr [N], g_kl [N] ([0] when kl_kind is 0),
-    sums [6]), all float32. kl_kind: 0 none, 1 k1, 2 k2, 3 k3 (KL_KIND_IDS); kld is None iff kl_kind is 0;
+    sums [6]), all float32. kl_kind: 0 none, 1 k1, 2 k2, 3 k3 (KL_IDS); kld is None iff kl_kind is 0;
     dual_clip <= 0 turns the dual clip off. Asynchronous: launches only, no device -> host copies."""
-    if kl_kind not in KL_KIND_IDS.values():
-        raise ValueError(f"kl_kind must be one of {sorted(KL_KIND_IDS.values())}, got {kl_kind!r}")
+    if kl_kind not in KL_IDS.values():
+        raise ValueError(f"kl_kind must be one of {sorted(KL_IDS.values())}, got {kl_kind!r}")
     if (kld is None) != (kl_kind == 0):
         raise ValueError(f"kld must be given exactly when kl_kind != 0 (kl_kind={kl_kind})")
     N, dev = lr.numel(), lr.device
@@ -178,6 +178,7 @@ def policy_tokens_triton(lr: Tensor, kld: Tensor | None, adv: Tensor, m: Tensor,
     return g_lr, g_kl, part.sum(0)
 
 
+@float32_math
 def nft_tokens_triton(lr: Tensor, m: Tensor, w: Tensor, r: Tensor, c: Tensor, clamp_negative: float
                       ) -> tuple[Tensor, Tensor]:
     """nft_tokens_ref on contiguous float32 [N] tensors -> (g_lr [N], sums [3]), float32.

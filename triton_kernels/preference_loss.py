@@ -1,4 +1,4 @@
-"""Triton kernels for the per-pair contracts of the preference losses (SPEC §6) and KTO.
+"""Triton kernels for the per-pair contracts of the preference losses (docs/preference_loss.md) and KTO.
 
 The public ops reduce every kind to an elementwise map over pairs: per pair the loss and its derivatives w.r.t.
 the policy's chosen / rejected sequence log-prob sums (and the chosen NLL for orpo). The math, outputs and
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from hotloop.contracts import LN2
 from hotloop.contracts import PREFERENCE_KIND_IDS as KIND_IDS
-from hotloop.triton_kernels._common import check_row_vector
+from hotloop.triton_kernels._common import check_row_vector, float32_math
 
 _BLOCK = 1024  # pairs per program
 _LN2 = tl.constexpr(LN2)
@@ -184,6 +184,7 @@ def _kto_items_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------- launchers
+@float32_math
 def preference_pairs_triton(x_w: Tensor, x_l: Tensor, r_w: Tensor, r_l: Tensor, len_w: Tensor, len_l: Tensor,
                             c: Tensor, nll: Tensor, kind: int, beta: float, label_smoothing: float, gamma: float
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -203,6 +204,7 @@ def preference_pairs_triton(x_w: Tensor, x_l: Tensor, r_w: Tensor, r_l: Tensor, 
     return tuple(outs)
 
 
+@float32_math
 def kto_items_triton(x: Tensor, r: Tensor, d: Tensor, kl: Tensor, beta: float, desirable_weight: float,
                      undesirable_weight: float) -> tuple[Tensor, Tensor]:
     """kto_items_ref on contiguous float32 [B] tensors (kl [1]) -> (loss [B], g [B]) float32. Asynchronous."""

@@ -1,4 +1,4 @@
-"""Triton kernels for per-token log-prob, entropy and self-certainty (SPEC §1): one streaming pass over V.
+"""Triton kernels for per-token log-prob, entropy and self-certainty (docs/token_stats.md): one streaming pass over V.
 
 Forward, per row z (V logits), z' = z / T: an online pass keeps the running max M, S = sum exp(z' - M),
 A = sum exp(z' - M) * (z' - M) and Bsum = sum z', so that

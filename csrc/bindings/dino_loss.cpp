@@ -1,12 +1,12 @@
 // CPU implementation of hotloop::dino_loss_cpu: tensor checks, then the plain C++ kernel.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <tuple>
 
 #include "../cpu/dino_loss.h"
 #include "tensor_checks.h"
+#include "module.h"
 
 namespace hotloop::bind {
 namespace {
@@ -58,6 +58,12 @@ std::tuple<at::Tensor, at::Tensor> dino_loss_cpu(const at::Tensor& student, cons
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hotloop, CPU, m) { m.impl("dino_loss_cpu", &dino_loss_cpu); }
+const Kernels kernels("cpu", [](pybind11::module_& m) {
+  m.def("dino_loss", &dino_loss_cpu, NoGil(),
+        "dino_loss(student, teacher, center, n_global, tau_s, tau_t, need_grad) -> (loss [] float32 (float64 for "
+        "float64), d loss / d student (student's shape and dtype; [0] when need_grad is false)). student "
+        "[n_crops * B, K], teacher [n_global * B, K] (crop-major rows), center [K] float32, all contiguous "
+        "(docs/dino_loss.md).");
+});
 
 }  // namespace hotloop::bind

@@ -1,13 +1,13 @@
 // CPU implementation of hotloop::ema_update_cpu: tensor-list checks, then the plain C++ kernel (one OpenMP
 // region over every tensor).
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
 #include "../cpu/ema.h"
 #include "tensor_checks.h"
+#include "module.h"
 
 namespace hotloop::bind {
 namespace {
@@ -70,6 +70,17 @@ void ema_update_cpu(at::TensorList target, at::TensorList online, at::TensorList
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hotloop, CPU, m) { m.impl("ema_update_cpu", &ema_update_cpu); }
+const Kernels kernels("cpu", [](pybind11::module_& m) {
+  m.def("ema_update",
+        [](const std::vector<at::Tensor>& target, const std::vector<at::Tensor>& online,
+           const std::vector<at::Tensor>& copy, double decay, const c10::optional<at::Tensor>& decay_tensor) {
+          ema_update_cpu(target, online, copy, decay, decay_tensor);
+        },
+        NoGil(),
+        "ema_update(target, online, copy, decay, decay_tensor): target[i] <- d * target[i] + (1 - d) * "
+        "online[i] for every i in one OpenMP region (docs/ema.md); copy (empty, or one per target) receives the "
+        "new target in its own dtype. Contiguous tensors; (target, online) dtypes (f32, f32|bf16|f16), (bf16, "
+        "bf16), (f16, f16), (f64, f64). decay_tensor (one float32 element) overrides decay.");
+});
 
 }  // namespace hotloop::bind

@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cstdint>
 #include <cstring>
@@ -12,6 +11,7 @@
 
 #include "../cuda/ema.h"
 #include "cuda_device.h"
+#include "module.h"
 
 namespace {
 
@@ -99,4 +99,13 @@ void ema_update_cuda(at::TensorList target, at::TensorList online, at::TensorLis
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hotloop, CUDA, m) { m.impl("ema_update_cuda", TORCH_FN(ema_update_cuda)); }
+const hotloop::bind::Kernels kernels("cuda", [](pybind11::module_& m) {
+  m.def("ema_update",
+        [](const std::vector<at::Tensor>& target, const std::vector<at::Tensor>& online,
+           const std::vector<at::Tensor>& copy, double decay, const c10::optional<at::Tensor>& decay_tensor) {
+          ema_update_cuda(target, online, copy, decay, decay_tensor);
+        },
+        hotloop::bind::NoGil(),
+        "ema_update(target, online, copy, decay, decay_tensor): as hotloop._C.cpu.ema_update in one launch; "
+        "decay_tensor is read on the device.");
+});

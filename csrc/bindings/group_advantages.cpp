@@ -1,12 +1,12 @@
 // CPU implementation of hotloop::group_advantages_cpu: tensor checks, then the plain C++ kernel.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <string>
 
 #include "../cpu/group_advantages.h"
 #include "tensor_checks.h"
+#include "module.h"
 
 namespace hotloop::bind {
 namespace {
@@ -76,6 +76,12 @@ at::Tensor group_advantages_cpu(const at::Tensor& rewards, const c10::optional<a
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hotloop, CPU, m) { m.impl("group_advantages_cpu", &group_advantages_cpu); }
+const Kernels kernels("cpu", [](pybind11::module_& m) {
+  m.def("group_advantages", &group_advantages_cpu, NoGil(),
+        "group_advantages(rewards, group_index, group_size, kind, scale, eps) -> advantages [R] float32 (float64 "
+        "for float64 rewards). rewards [R] contiguous float; exactly one of group_size > 0 (fixed groups of "
+        "adjacent responses, R % group_size == 0) and group_index [R] int32/int64 in [0, R) (ragged). kind and "
+        "scale: hotloop.contracts.ADVANTAGE_KINDS / ADVANTAGE_SCALES (docs/group_advantages.md).");
+});
 
 }  // namespace hotloop::bind

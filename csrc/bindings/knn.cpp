@@ -7,7 +7,6 @@
 // the outputs themselves. The keys (51 MB at 100k x 128) are re-read once per query block, from L3 or memory.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -16,6 +15,7 @@
 #include <tuple>
 
 #include "../cpu/knn.h"
+#include "module.h"
 
 namespace hotloop::bind {
 namespace {
@@ -143,6 +143,15 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hotloop, CPU, m) { m.impl("knn_cpu", &knn_cpu); }
+const Kernels kernels("cpu", [](pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("knn", &knn_cpu, NoGil(), py::arg("queries"), py::arg("keys"), py::arg("k"), py::arg("metric"),
+        py::arg("valid"), py::arg("query_block") = 0, py::arg("key_block") = 0,
+        "knn(queries, keys, k, metric, valid, query_block=0, key_block=0) -> (scores [Q, k] float32: squared L2 "
+        "ascending, or inner product / cosine descending; indices [Q, k] int64, -1 padding when fewer than k "
+        "keys are valid). queries [Q, d], keys [M, d], one dtype (f32 | bf16 | f16), 1 <= k <= M, metric "
+        "hotloop.contracts.KNN_METRICS, valid [M] bool or None. query_block / key_block: tile sizes (0 = "
+        "automatic), for tests that need many tiles at small shapes (docs/knn.md).");
+});
 
 }  // namespace hotloop::bind

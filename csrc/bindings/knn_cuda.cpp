@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cstdlib>
 #include <optional>
@@ -12,6 +11,7 @@
 
 #include "../cuda/knn.h"
 #include "cuda_device.h"
+#include "module.h"
 
 namespace {
 
@@ -92,4 +92,9 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hotloop, CUDA, m) { m.impl("knn_cuda", TORCH_FN(knn_cuda)); }
+const hotloop::bind::Kernels kernels("cuda", [](pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("knn", &knn_cuda, hotloop::bind::NoGil(), py::arg("queries"), py::arg("keys"), py::arg("k"),
+        py::arg("metric"), py::arg("valid"), py::arg("query_block") = 0, py::arg("key_block") = 0,
+        "knn(queries, keys, k, metric, valid, query_block=0, key_block=0): as hotloop._C.cpu.knn on CUDA.");
+});

@@ -1,12 +1,12 @@
 // CPU implementations of hotloop::policy_tokens_cpu / nft_tokens_cpu: tensor checks, then the plain C++ kernels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <array>
 #include <tuple>
 
 #include "../cpu/policy_loss.h"
+#include "module.h"
 
 namespace hotloop::bind {
 namespace {
@@ -83,9 +83,17 @@ std::tuple<at::Tensor, at::Tensor> nft_tokens_cpu(const at::Tensor& lr, const at
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hotloop, CPU, m) {
-  m.impl("policy_tokens_cpu", &policy_tokens_cpu);
-  m.impl("nft_tokens_cpu", &nft_tokens_cpu);
-}
+const Kernels kernels("cpu", [](pybind11::module_& m) {
+  m.def("policy_tokens", &policy_tokens_cpu, NoGil(),
+        "policy_tokens(lr, kld, adv, m, w, clip_low, clip_high, dual_clip, kl_kind, kl_coef) -> (g_lr [N], g_kl "
+        "[N] ([0] without kl), sums [6]: loss, clip_low count, clip_high count, dual count, ratio sum, kl sum, "
+        "over tokens with m != 0). The per-token contract of the policy loss (reference.policy_loss."
+        "policy_tokens_ref, docs/policy_loss.md): every tensor contiguous [N], all float32 or all float64. "
+        "kl_kind: hotloop.contracts.KL_IDS (kld given exactly when != 0); dual_clip <= 0 is off.");
+  m.def("nft_tokens", &nft_tokens_cpu, NoGil(),
+        "nft_tokens(lr, m, w, r, c, clamp_negative) -> (g_lr [N], sums [3]: loss, ratio sum, clamped count). The "
+        "per-token contract of the NFT loss (reference.policy_loss.nft_tokens_ref, docs/nft_loss.md); r: r_q of "
+        "the token's group, c: 1 correct / 0 not.");
+});
 
 }  // namespace hotloop::bind

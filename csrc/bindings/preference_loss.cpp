@@ -1,11 +1,11 @@
 // CPU implementations of hotloop::preference_pairs_cpu / kto_items_cpu: tensor checks, then the plain C++ kernels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <tuple>
 
 #include "../cpu/preference_loss.h"
+#include "module.h"
 
 namespace hotloop::bind {
 namespace {
@@ -79,9 +79,17 @@ std::tuple<at::Tensor, at::Tensor> kto_items_cpu(const at::Tensor& x, const at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hotloop, CPU, m) {
-  m.impl("preference_pairs_cpu", &preference_pairs_cpu);
-  m.impl("kto_items_cpu", &kto_items_cpu);
-}
+const Kernels kernels("cpu", [](pybind11::module_& m) {
+  m.def("preference_pairs", &preference_pairs_cpu, NoGil(),
+        "preference_pairs(x_w, x_l, r_w, r_l, len_w, len_l, c, nll, kind, beta, label_smoothing, gamma) -> "
+        "(per-pair loss, d loss / d x_w, d loss / d x_l, d loss / d nll), each [B]. The per-pair contract of "
+        "the preference losses (reference.preference_loss.preference_pairs_ref, docs/preference_loss.md): every "
+        "tensor contiguous [B], all float32 or all float64; kind: hotloop.contracts.PREFERENCE_KIND_IDS; "
+        "lengths already >= 1.");
+  m.def("kto_items", &kto_items_cpu, NoGil(),
+        "kto_items(x, r, d, kl, beta, desirable_weight, undesirable_weight) -> (per-item loss, d loss / d x), "
+        "[B]. d: 1 desirable / 0 undesirable; kl: one element, already clamped >= 0 (reference.preference_loss."
+        "kto_items_ref).");
+});
 
 }  // namespace hotloop::bind

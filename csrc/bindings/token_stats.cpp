@@ -1,9 +1,9 @@
 // CPU implementation of hotloop::token_stats_{fwd,bwd}_cpu: tensor checks, then the plain C++ kernel.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "../cpu/token_stats.h"
 #include "tensor_checks.h"
+#include "module.h"
 
 namespace hotloop::bind {
 namespace {
@@ -89,9 +89,20 @@ void token_stats_bwd_cpu(const at::Tensor& grad_logits, const c10::optional<at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hotloop, CPU, m) {
-  m.impl("token_stats_fwd_cpu", &token_stats_fwd_cpu);
-  m.impl("token_stats_bwd_cpu", &token_stats_bwd_cpu);
-}
+const Kernels kernels("cpu", [](pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("token_stats_fwd", &token_stats_fwd_cpu, NoGil(),
+        "token_stats_fwd(logits, labels, temperature, ignore_index, entropy, self_certainty) -> (logprobs, "
+        "entropy or [0], self_certainty or [0], lse). logits [B, T, V] (stride(2) == 1, any leading strides), "
+        "labels [B, T] contiguous int32/int64; outputs [B, T] float32 (float64 for float64 logits).");
+  m.def("token_stats_bwd", &token_stats_bwd_cpu, NoGil(), py::arg("grad_logits"), py::arg("grad_logprobs"),
+        py::arg("grad_entropy"), py::arg("grad_self_certainty"), py::arg("logits"), py::arg("labels"),
+        py::arg("lse"), py::arg("entropy"), py::arg("temperature"), py::arg("ignore_index"),
+        py::arg("vocab_offset") = 0, py::arg("vocab_total") = 0,
+        "Writes d loss / d logits into grad_logits [B, T, V] (stride(2) == 1; may be logits itself). grad_* "
+        "[B, T] contiguous in the forward's output dtype, None when absent. The logits may be a block of "
+        "vocabulary columns [vocab_offset, vocab_offset + V) of vocab_total (0 = V): the fused linear path's "
+        "tiles.");
+});
 
 }  // namespace hotloop::bind

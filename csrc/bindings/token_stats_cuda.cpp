@@ -5,7 +5,6 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -14,6 +13,7 @@
 
 #include "../cuda/token_stats.h"
 #include "cuda_device.h"
+#include "module.h"
 
 namespace {
 
@@ -210,7 +210,12 @@ void token_stats_bwd_cuda(const at::Tensor& grad_logits, const std::optional<at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hotloop, CUDA, m) {
-  m.impl("token_stats_fwd_cuda", TORCH_FN(token_stats_fwd_cuda));
-  m.impl("token_stats_bwd_cuda", TORCH_FN(token_stats_bwd_cuda));
-}
+const hotloop::bind::Kernels kernels("cuda", [](pybind11::module_& m) {
+  using hotloop::bind::NoGil;
+  m.def("token_stats_fwd", &token_stats_fwd_cuda, NoGil(),
+        "token_stats_fwd(logits, labels, temperature, ignore_index, entropy, self_certainty): as "
+        "hotloop._C.cpu.token_stats_fwd, float32 / bfloat16 / float16 logits on one CUDA device.");
+  m.def("token_stats_bwd", &token_stats_bwd_cuda, NoGil(),
+        "token_stats_bwd(grad_logits, grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, "
+        "entropy, temperature, ignore_index): as hotloop._C.cpu.token_stats_bwd without vocabulary blocks.");
+});

@@ -1,9 +1,9 @@
 // CPU implementation of hotloop::transpose_add_cpu: tensor checks, then the plain C++ kernel (cpu/transpose.h).
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include "../cpu/transpose.h"
 #include "tensor_checks.h"
+#include "module.h"
 
 namespace hotloop::bind {
 namespace {
@@ -32,6 +32,11 @@ void transpose_add_cpu(const at::Tensor& dst, const at::Tensor& src, bool accumu
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hotloop, CPU, m) { m.impl("transpose_add_cpu", &transpose_add_cpu); }
+const Kernels kernels("cpu", [](pybind11::module_& m) {
+  m.def("transpose_add", &transpose_add_cpu, NoGil(),
+        "transpose_add(dst, src, accumulate): dst [r, c] = src^T (accumulate: dst += src^T), src [c, r]; unit "
+        "stride along the last dims. dtypes equal, or bfloat16 / float16 src into a float32 dst. The fused "
+        "linear paths' d_weight tiles (cpu/transpose.h).");
+});
 
 }  // namespace hotloop::bind

@@ -1,4 +1,4 @@
-// DINO loss (SPEC §7), CPU kernel: cross-entropy between centred, sharpened teacher softmaxes and the student's
+// DINO loss (docs/dino_loss.md), CPU kernel: cross-entropy between centred, sharpened teacher softmaxes and the student's
 // log-softmaxes over K prototypes, every (teacher crop, other student crop) pair, loss and d loss / d student.
 // Plain C++ (no torch headers) so CMake builds and ctest-checks it without torch.
 #pragma once

@@ -1,4 +1,4 @@
-// EMA over every tensor of a model in one OpenMP region (SPEC §7), CPU kernel.
+// EMA over every tensor of a model in one OpenMP region (docs/ema.md), CPU kernel.
 //
 // The op is memory bound: each element is read twice (target, online) and written once (twice with a copy).
 // So the kernel makes exactly that one pass: the tensors are laid end to end as one flat index space and each

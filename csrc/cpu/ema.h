@@ -1,4 +1,4 @@
-// EMA of a whole model's tensors in one pass (SPEC §7): target <- d * target + (1 - d) * online, CPU kernel.
+// EMA of a whole model's tensors in one pass (docs/ema.md): target <- d * target + (1 - d) * online, CPU kernel.
 // Plain C++ (no torch headers) so CMake builds and ctest-checks it without torch.
 #pragma once
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Group-relative advantages (SPEC §3), CPU kernel. One translation unit for every ISA: the op reads R rewards
+// Group-relative advantages (docs/group_advantages.md), CPU kernel. One translation unit for every ISA: the op reads R rewards
 // and writes R advantages, a few passes over O(R) memory with no transcendental math, so SIMD dispatch buys
 // nothing here.
 //

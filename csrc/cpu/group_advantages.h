@@ -1,4 +1,4 @@
-// Group-relative advantages, one score per response (SPEC §3), CPU kernel.
+// Group-relative advantages, one score per response (docs/group_advantages.md), CPU kernel.
 // Plain C++ (no torch headers) so CMake builds and ctest-checks it without torch.
 #pragma once
 #include <cstdint>

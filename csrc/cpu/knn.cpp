@@ -1,4 +1,4 @@
-// k-nearest-neighbour selection (SPEC §8), CPU: heap setup, the per-ISA tile selection, and the final sort.
+// k-nearest-neighbour selection (docs/knn.md), CPU: heap setup, the per-ISA tile selection, and the final sort.
 #include "knn.h"
 
 #include <algorithm>

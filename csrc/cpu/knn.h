@@ -1,4 +1,4 @@
-// k-nearest-neighbour selection (SPEC §8), CPU kernels. Plain C++ (no torch headers) so CMake builds and
+// k-nearest-neighbour selection (docs/knn.md), CPU kernels. Plain C++ (no torch headers) so CMake builds and
 // ctest-checks them without torch.
 //
 // The distance work is a matrix product: the caller (csrc/bindings/knn.cpp) computes tiles of dot products

@@ -1,4 +1,4 @@
-// Per-token policy / NFT loss contracts (SPEC §4, §5), CPU kernels. Each is an elementwise map plus a few sums,
+// Per-token policy / NFT loss contracts (docs/policy_loss.md, docs/nft_loss.md), CPU kernels. Each is an elementwise map plus a few sums,
 // so the work is one pass over N tokens: branch-free loop bodies (selects, not branches) that GCC vectorises.
 //
 // Sums are deterministic whatever the thread count: tokens are cut into fixed blocks of kBlock, each block is
@@ -22,8 +22,8 @@ namespace hotloop::cpu {
 namespace {
 
 constexpr int64_t kBlock = 4096;  // tokens per partial sum: fixed, so sums do not depend on the threads
-constexpr double kLogRatioClamp = 20.0;  // SPEC §4: rho = exp(clamp(lr, -20, 20)); k3 clamps -d the same way
-constexpr double kNftLogRatioMax = 10.0;  // SPEC §5: R = exp(min(lr, 10))
+constexpr double kLogRatioClamp = 20.0;  // docs/policy_loss.md: rho = exp(clamp(lr, -20, 20)); k3 clamps -d the same way
+constexpr double kNftLogRatioMax = 10.0;  // docs/nft_loss.md: R = exp(min(lr, 10))
 
 // torch.clamp: min(max(x, lo), hi), NaN in -> NaN out
 template <class T> HOTLOOP_INLINE T clamp(T x, T lo, T hi) {

@@ -1,4 +1,4 @@
-// Per-token contracts of the policy loss (SPEC §4) and the NFT loss (SPEC §5), CPU kernels: elementwise maps
+// Per-token contracts of the policy loss (docs/policy_loss.md) and the NFT loss (docs/nft_loss.md), CPU kernels: elementwise maps
 // to a gradient per token plus a few sums. The contract, in plain torch, is policy_tokens_ref / nft_tokens_ref
 // in python/hotloop/reference/policy_loss.py. Plain C++ (no torch headers) so CMake builds and ctest-checks it.
 #pragma once

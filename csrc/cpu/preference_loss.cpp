@@ -1,4 +1,4 @@
-// Per-pair preference-loss (SPEC §6) and KTO contracts, CPU kernels. B is a batch of pairs (small), so this is a
+// Per-pair preference-loss (docs/preference_loss.md) and KTO contracts, CPU kernels. B is a batch of pairs (small), so this is a
 // plain scalar loop with a switch on the kind hoisted out of it; math in the input type (float or double), with
 // libm's numerically careful log1p / expm1.
 #include "preference_loss.h"

@@ -1,4 +1,4 @@
-// Per-pair contracts of the DPO-family preference losses (SPEC §6) and KTO, CPU kernels: elementwise maps from
+// Per-pair contracts of the DPO-family preference losses (docs/preference_loss.md) and KTO, CPU kernels: elementwise maps from
 // sequence log-prob sums to a loss and its gradients per pair. The contract, in plain torch, is
 // preference_pairs_ref / kto_items_ref in python/hotloop/reference/preference_loss.py. Plain C++ (no torch
 // headers) so CMake builds and ctest-checks it.

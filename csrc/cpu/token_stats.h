@@ -1,4 +1,4 @@
-// Per-token log-prob / entropy / self-certainty over the vocabulary (SPEC §1), CPU kernels.
+// Per-token log-prob / entropy / self-certainty over the vocabulary (docs/token_stats.md), CPU kernels.
 // Plain C++ (no torch headers) so CMake builds and ctest-checks it without torch.
 #pragma once
 #include <cstdint>

@@ -1,5 +1,5 @@
 /* hotloop knn: plain C ABI of the CUDA k-nearest-neighbour kernels (no torch headers; the torch glue lives in
- * csrc/bindings/knn_cuda.cpp). Spec: python/hotloop/reference/knn.py (SPEC §8).
+ * csrc/bindings/knn_cuda.cpp). Spec: python/hotloop/reference/knn.py (docs/knn.md).
  *
  * For queries q_i [Q, d] and keys x_j [M, d] every metric is reduced to "smallest value wins":
  *     v_ij = bias_j + scale_j * (q_i . x_j)

@@ -281,7 +281,7 @@ struct BwdArgs {
   int chunk_vecs;     // 16-byte vectors per CTA; a CTA's scalar fallback covers chunk_vecs * kN elements
 };
 
-// grad_j = p_j * (c0 + c1 * d_j) + c2 (+ lab at j == y), d_j = z_j / tau - lse, p_j = exp(d_j): the SPEC
+// grad_j = p_j * (c0 + c1 * d_j) + c2 (+ lab at j == y), d_j = z_j / tau - lse, p_j = exp(d_j): docs/token_stats.md's
 // formula with the row constants folded (c0 = -(g_lp - g_sc + g_h H) / tau, c1 = -g_h / tau,
 // c2 = -g_sc / (tau V), lab = g_lp / tau).
 struct BwdRow {

@@ -31,7 +31,7 @@ double std_of(const std::vector<double>& v) {
   return std::sqrt(ss / double(v.size() - 1));
 }
 
-// SPEC §3 group by group: advantages of rewards r whose response i is in group gid[i].
+// docs/group_advantages.md group by group: advantages of rewards r whose response i is in group gid[i].
 std::vector<double> reference(const std::vector<double>& r, const std::vector<int64_t>& gid, AdvantageKind kind,
                               AdvantageScale scale, double eps) {
   std::map<int64_t, std::vector<int64_t>> groups;

@@ -1,4 +1,4 @@
-"""DirectPredictor: BYOL / SimSiam's linear predictor set directly from the correlation of its inputs (SPEC §7).
+"""DirectPredictor: BYOL / SimSiam's linear predictor set directly from the correlation of its inputs (docs/byol_loss.md).
 
 DirectPred (Tian et al. 2021, "Understanding self-supervised learning dynamics without contrastive pairs"):
     F <- rho F + (1 - rho) mean_b(f f^T)        (the first update copies: F = mean_b(f f^T))

@@ -1,4 +1,4 @@
-"""EpisodicMemory: a fixed-capacity ring of keys (and optional values) searched with hotloop.knn (SPEC §8).
+"""EpisodicMemory: a fixed-capacity ring of keys (and optional values) searched with hotloop.knn (docs/knn.md).
 
 Everything lives in tensors on the memory's device; the write pointer and fill count are device tensors too,
 so `add`, `search` and `read` never synchronise with the host (apart from the optional finiteness check of new

@@ -1,4 +1,4 @@
-"""Rewards from an EpisodicMemory (SPEC §8): NGU episodic novelty and Memory-R style exploit / explore rewards.
+"""Rewards from an EpisodicMemory (docs/knn.md): NGU episodic novelty and Memory-R style exploit / explore rewards.
 
 Both are [Q] float32 tensors on the memory's device, computed without host syncs (beyond hotloop.knn's optional
 finiteness check of the queries), ready to add to per-response GRPO rewards. Their running statistics live in
@@ -27,7 +27,7 @@ def _check_memory(op: str, memory: object) -> EpisodicMemory:
 
 def novelty_reward(memory: EpisodicMemory, queries: Tensor, *, k: int = 10, xi: float = 0.008, eps: float = 1e-3,
                    c: float = 1e-3, s_max: float = 8.0) -> Tensor:
-    """NGU's episodic novelty of each query: [Q, dim] -> [Q] float32 (SPEC §8; Badia et al. 2020, Alg. 1).
+    """NGU's episodic novelty of each query: [Q, dim] -> [Q] float32 (docs/knn.md; Badia et al. 2020, Alg. 1).
 
     With d_j^2 the squared L2 distances to the k nearest entries (memory metric must be "l2") and d_m^2 the
     running mean of all such squared distances seen so far (kept in memory.stats, updated with this batch's
@@ -86,7 +86,7 @@ def _rolling_minmax_norm(memory: EpisodicMemory, name: str, x: Tensor, window: i
 
 
 def memory_rewards(memory: EpisodicMemory, embeddings: Tensor, *, k: int = 8, window: int = 1024) -> MemoryRewards:
-    """Memory-R style exploit / explore rewards of embeddings [Q, dim] against a memory (SPEC §8).
+    """Memory-R style exploit / explore rewards of embeddings [Q, dim] against a memory (docs/knn.md).
 
     With e an embedding, its k nearest keys (the memory's metric) and their values v_j (the keys themselves in
     a key-only memory; the value width must equal dim):

@@ -40,7 +40,7 @@ def _built_torch() -> str | None:
 _IMPORT_ERROR: Exception | None = torch_mismatch(_built_torch(), torch.__version__)
 if _IMPORT_ERROR is None:
     try:
-        from hotloop import _C  # noqa: F401  (registers the torch.ops.hotloop.*_cpu / *_cuda kernels)
+        from hotloop import _C  # noqa: F401  (the compiled kernels: hotloop._C.cpu, hotloop._C.cuda)
     except ImportError as exc:  # the package still works with the reference / triton backends
         _C = None
         _IMPORT_ERROR = exc
@@ -70,3 +70,10 @@ def require_extension(backend: str) -> None:
             "the 'cuda' backend needs hotloop._C built with CUDA (torch with CUDA and nvcc at build time); "
             f"this build has CPU kernels only (torch {torch.__version__})"
         )
+
+
+def compiled_kernels(backend: str):
+    """The module of compiled kernels of `backend` ("cpu": hotloop._C.cpu, "cuda": hotloop._C.cuda); raises how
+    to build them when they are missing."""
+    require_extension(backend)
+    return getattr(_C, backend)

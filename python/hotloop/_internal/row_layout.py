@@ -1,4 +1,4 @@
-"""Rows of a token batch, padded [B, T] or packed [N] with cu_seqlens, and the loss weights of SPEC §4's
+"""Rows of a token batch, padded [B, T] or packed [N] with cu_seqlens, and the loss weights of docs/policy_loss.md's
 aggregations. Everything stays on the tensors' device: no host synchronisation.
 
 The policy and NFT losses are sums over tokens of w_t * l_t, where the per-token weight w_t carries the whole
@@ -40,7 +40,7 @@ class RowLayout:
         return v.index_select(0, self.row_id)
 
     def agg_weights(self, m: Tensor, agg: str, max_length: int | None) -> Tensor:
-        """[N] loss weights w (0 where m = 0) with loss = sum_t w_t l_t equal to SPEC §4's aggregation of l.
+        """[N] loss weights w (0 where m = 0) with loss = sum_t w_t l_t equal to docs/policy_loss.md's aggregation of l.
 
         Sequence means divide by B, every row counted (an empty one adds 0), as TRL, Liger and verl do; an
         all-empty mask gives weights 0 (loss 0).

@@ -1,12 +1,13 @@
-"""DINO loss (SPEC §7): teacher softmax((t - c) / tau_t) against student log_softmax(s / tau_s) over K
+"""DINO loss (docs/dino_loss.md): teacher softmax((t - c) / tau_t) against student log_softmax(s / tau_s) over K
 prototypes, every (teacher crop, other student crop) pair, fused per row, with its gradient; and the centre update.
 
 Layers, outermost first:
-  dino_loss               public API: checks, backend choice; attaches the gradient the kernel computed in the
+  dino_loss               public API: checks; attaches the gradient the kernel computed in the
                           forward to the loss (hotloop::attach_grads), so backward is one scalar multiply
   hotloop::dino_loss_fwd  custom op (fake kernel) -> (loss, d loss / d student)
-  kernel backends         C++ (torch.ops.hotloop.dino_loss_cpu: OpenMP over images, vectorised exp), Triton
-                          (CUDA, or CPU under the interpreter); reference.dino_loss is the spec
+  kernels                 dispatch.kernel: reference.dino_loss (the spec), hotloop._C.cpu.dino_loss (OpenMP
+                          over images, vectorised exp), triton_kernels.dino_loss (CUDA, or CPU under the
+                          interpreter)
 
 Per image, each student row is streamed with an online log-sum-exp and one dot product with the sum of the
 teacher softmaxes it is paired with (m_v lse - r_v . s'); its gradient (m_v softmax(s') - r_v) / tau_s is
@@ -19,13 +20,15 @@ import numbers
 import torch
 from torch import Tensor
 
-from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal import dispatch
 from hotloop._internal.checks import FLOAT_DTYPES, check_positive, check_same_device, check_tensor
 from hotloop._internal.attach_grads import loss_with_grads
-from hotloop.reference.dino_loss import dino_loss_ref, update_center_ref
+from hotloop.reference.dino_loss import dino_loss_fwd_ref, update_center_ref
 
 _OP = "dino_loss"
-_BACKENDS = ("reference", "cpu", "triton")
+dispatch.register("dino_loss_fwd", "reference", dino_loss_fwd_ref)
+dispatch.register("dino_loss_fwd", "cpu", dispatch.extension("cpu", "dino_loss"))
+dispatch.register("dino_loss_fwd", "triton", "hotloop.triton_kernels.dino_loss:dino_loss_fwd_triton")
 
 
 def _acc(t: Tensor) -> torch.dtype:
@@ -34,18 +37,15 @@ def _acc(t: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("hotloop::dino_loss_fwd", mutates_args=())
 def dino_loss_fwd(student: Tensor, teacher: Tensor, center: Tensor, n_global: int, tau_s: float, tau_t: float,
-                  need_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+                  need_grad: bool) -> tuple[Tensor, Tensor]:
     """student [n_crops*B, K], teacher [n_global*B, K], center [K] (accumulation dtype), contiguous ->
     (loss [] float32 / float64, d loss / d student in student's shape and dtype, or [0] without need_grad)."""
-    if backend == "cpu":
-        return torch.ops.hotloop.dino_loss_cpu(student, teacher, center, n_global, tau_s, tau_t, need_grad)
-    from hotloop.triton_kernels.dino_loss import dino_loss_fwd_triton
-
-    return dino_loss_fwd_triton(student, teacher, center, n_global, tau_s, tau_t, need_grad)
+    return dispatch.kernel("dino_loss_fwd", student.device)(student, teacher, center, n_global, tau_s, tau_t,
+                                                            need_grad)
 
 
 @dino_loss_fwd.register_fake
-def _(student, teacher, center, n_global, tau_s, tau_t, need_grad, backend):
+def _(student, teacher, center, n_global, tau_s, tau_t, need_grad):
     loss = student.new_empty((), dtype=_acc(student))
     return loss, student.new_empty(student.shape if need_grad else (0,))
 
@@ -100,13 +100,11 @@ def dino_loss(student_out: Tensor, teacher_out: Tensor, center: Tensor, *, n_glo
     _check(student_out, teacher_out, center, n_global)
     tau_s = check_positive(_OP, "tau_s", tau_s)
     tau_t = check_positive(_OP, "tau_t", tau_t)
-    backend = resolve_backend(_OP, student_out.device, _BACKENDS)
-    if backend == "reference":
-        return dino_loss_ref(student_out, teacher_out, center, n_global, tau_s, tau_t)
+    dispatch.backend("dino_loss_fwd", student_out.device)  # a bad HOTLOOP_BACKEND fails here, before any work
     need_grad = student_out.requires_grad and torch.is_grad_enabled()
     c = center.detach().reshape(-1).to(_acc(student_out)).contiguous()
     loss, grad = dino_loss_fwd(student_out.detach().contiguous(), teacher_out.detach().contiguous(), c,
-                               int(n_global), tau_s, tau_t, need_grad, backend)
+                               int(n_global), tau_s, tau_t, need_grad)
     return loss_with_grads(loss, [(student_out, grad)])
 
 

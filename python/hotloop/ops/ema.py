@@ -1,15 +1,15 @@
-"""EMA of a whole model in one fused pass (SPEC §7): target <- d * target + (1 - d) * online over every tensor.
+"""EMA of a whole model in one fused pass (docs/ema.md): target <- d * target + (1 - d) * online over every tensor.
 
 BYOL, DINO, SPR, mean teachers and TR-DPO's reference sync all move a teacher towards a student every step.
 
 Layers, outermost first:
   ema_update_          public API: flattens modules / tensor lists, splits averaged tensors from copied buffers,
-                       checks dtypes, shapes, devices and decay, picks the backend
+                       checks dtypes, shapes, devices and decay
   hotloop::ema_update  torch.library custom op (mutates target and out_copy; fake kernel), so torch.compile
                        traces a training step that calls it
-  kernel backends      C++ (torch.ops.hotloop.ema_update_cpu: one OpenMP region over all tensors), CUDA C++
-                       (torch.ops.hotloop.ema_update_cuda: one multi-tensor launch through a device pointer
-                       table), reference (plain torch, per tensor)
+  kernels              dispatch.kernel: hotloop._C.cpu.ema_update (one OpenMP region over all tensors),
+                       hotloop._C.cuda.ema_update (one multi-tensor launch through a device pointer table),
+                       reference.ema (plain torch, per tensor; also CUDA tensors in a build without CUDA)
 
 Kernel contract: contiguous tensors on one device; (target, online) dtypes (float32, float32 | bfloat16 |
 float16), (bfloat16, bfloat16), (float16, float16), (float64, float64) (CPU); math in float32 (float64), one
@@ -19,46 +19,37 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from hotloop._internal.dispatch import resolve_backend
-from hotloop._internal.extension import has_cuda_kernels
-from hotloop.reference.ema import ema_update_ref
+from hotloop._internal import dispatch
+from hotloop.reference.ema import ema_update_kernel_ref
 
 _OP = "ema_update_"
-_BACKENDS = ("reference", "cpu", "cuda")
 _F32, _BF16, _F16, _F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 PAIRS = {(_F32, _F32), (_F32, _BF16), (_F32, _F16), (_BF16, _BF16), (_F16, _F16), (_F64, _F64)}
 COPY_DTYPES = (_F32, _BF16, _F16)
 BUFFER_MODES = ("copy", "average", "skip")
 
+dispatch.register("ema_update", "reference", ema_update_kernel_ref, reference_serves_cuda=True)
+dispatch.register("ema_update", "cpu", dispatch.extension("cpu", "ema_update"))
+dispatch.register("ema_update", "cuda", dispatch.extension("cuda", "ema_update"))
+
 
 # ----------------------------------------------------------------------------------------------- the op
 @torch.library.custom_op("hotloop::ema_update", mutates_args=("target", "out_copy"))
 def ema_update_op(target: list[Tensor], online: list[Tensor], out_copy: list[Tensor], decay: float,
-                  decay_tensor: Tensor | None, backend: str) -> None:
+                  decay_tensor: Tensor | None) -> None:
     """In place over lists of contiguous tensors: target[i] <- lerp(target[i], online[i], 1 - d), d = decay_tensor
     (one float32 element on the targets' device) when given, else decay; out_copy (empty or one per target)
     receives the new targets."""
-    _run(target, online, out_copy, decay, decay_tensor, backend)
-
-
-def _run(target: list[Tensor], online: list[Tensor], out_copy: list[Tensor], decay: float,
-         decay_tensor: Tensor | None, backend: str) -> None:
-    if backend == "cpu":
-        torch.ops.hotloop.ema_update_cpu(target, online, out_copy, decay, decay_tensor)
-    elif backend == "cuda":
-        torch.ops.hotloop.ema_update_cuda(target, online, out_copy, decay, decay_tensor)
-    else:
-        ema_update_ref(target, online, decay if decay_tensor is None else decay_tensor, out_copy or None)
+    dispatch.kernel("ema_update", target[0].device)(target, online, out_copy, decay, decay_tensor)
 
 
 @ema_update_op.register_fake
-def _(target, online, out_copy, decay, decay_tensor, backend):
+def _(target, online, out_copy, decay, decay_tensor):
     return None
 
 
@@ -158,13 +149,6 @@ def _check_pairs(target: list[Tensor], online: list[Tensor], copy: list[Tensor] 
                                 f"non-float64 target, got {c.dtype} for a {t.dtype} target")
 
 
-def _pick_backend(dev: torch.device) -> str:
-    # CUDA tensors in a build without the CUDA kernels (no nvcc at install time) fall back to the reference loop
-    if dev.type == "cuda" and not os.environ.get("HOTLOOP_BACKEND") and not has_cuda_kernels():
-        return "reference"
-    return resolve_backend(_OP, dev, _BACKENDS)
-
-
 # ------------------------------------------------------------------------------------------- public API
 def ema_update_(target: nn.Module | Sequence[Tensor | nn.Module], online: nn.Module | Sequence[Tensor | nn.Module],
                 decay: float | Tensor, *, out_copy: nn.Module | Sequence[Tensor | nn.Module] | None = None,
@@ -217,13 +201,12 @@ def ema_update_(target: nn.Module | Sequence[Tensor | nn.Module], online: nn.Mod
             src = [s.contiguous() for s in src]
             if cpy is not None:  # a None entry (no copy of that tensor) travels as an empty tensor
                 cpy = [torch.empty(0, dtype=_BF16, device=dev) if c is None else c for c in cpy]
-            backend = _pick_backend(dev)
             if torch.compiler.is_compiling():
-                ema_update_op(tgt, src, cpy or [], d, d_tensor, backend)
+                ema_update_op(tgt, src, cpy or [], d, d_tensor)
             else:
                 # eager: straight to the kernel, skipping the custom op's Python dispatch layers (~2 us a tensor,
                 # hundreds of tensors a call); the version counters are bumped as the custom op would
-                _run(tgt, src, cpy or [], d, d_tensor, backend)
+                dispatch.kernel("ema_update", dev)(tgt, src, cpy or [], d, d_tensor)
                 torch.autograd.graph.increment_version(tgt + (cpy or []))
         _copy_buffers(t_cp, s_cp, c_cp)
 

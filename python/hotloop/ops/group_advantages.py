@@ -1,10 +1,12 @@
-"""Group-relative advantages for RL post-training: GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline, pass@k (SPEC §3).
+"""Group-relative advantages for RL post-training: GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline, pass@k
+(docs/group_advantages.md).
 
 Layers, outermost first:
-  group_advantages             public API: checks, backend choice, the optional broadcast to tokens
+  group_advantages             public API: checks, the optional broadcast to tokens
   hotloop::group_advantages_fwd  torch.library custom op (fake kernel; no autograd: rewards carry no gradient)
-  kernel backends              C++ (torch.ops.hotloop.group_advantages_cpu), Triton (CUDA; CPU under the
-                               interpreter); there is no CUDA C++ kernel, so on GPU the op runs on Triton
+  kernels                      dispatch.kernel: reference.group_advantages (torch), hotloop._C.cpu (C++),
+                               triton_kernels.group_advantages (CUDA; CPU under the interpreter); there is no
+                               CUDA C++ kernel, so on GPU the op runs on Triton
 
 Kernel contract (every backend): rewards [R] contiguous; exactly one of group_size > 0 (fixed groups of adjacent
 responses, R % group_size == 0) and group_index [R] int32/int64 with values in [0, R) (ragged); the result is
@@ -16,13 +18,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal import dispatch
 from hotloop._internal.checks import (FLOAT_DTYPES, LABEL_DTYPES, check_positive, check_same_device, check_tensor,
                              labels_checked_on_host)
-from hotloop.reference.group_advantages import KINDS, SCALES, group_advantages_ref
+from hotloop.contracts import ADVANTAGE_KINDS as KINDS
+from hotloop.contracts import ADVANTAGE_SCALES as SCALES
+from hotloop.reference.group_advantages import group_advantages_kernel_ref
 
 _OP = "group_advantages"
-_BACKENDS = ("reference", "cpu", "triton")  # no CUDA C++ kernel: the Triton one serves CUDA tensors
+dispatch.register("group_advantages_fwd", "reference", group_advantages_kernel_ref)
+dispatch.register("group_advantages_fwd", "cpu", dispatch.extension("cpu", "group_advantages"))
+dispatch.register("group_advantages_fwd", "triton",
+                  "hotloop.triton_kernels.group_advantages:group_advantages_fwd_triton")
 _MASK_DTYPES = (torch.bool, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -33,21 +40,15 @@ def _out_dtype(rewards: Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------- forward op
 @torch.library.custom_op("hotloop::group_advantages_fwd", mutates_args=())
 def group_advantages_fwd(rewards: Tensor, group_index: Tensor | None, group_size: int, kind: str, scale: str,
-                         eps: float, backend: str) -> Tensor:
+                         eps: float) -> Tensor:
     """-> advantages [R], float32 (float64 for float64 rewards). group_size 0 means ragged (group_index)."""
     r = rewards.contiguous()
     gi = None if group_index is None else group_index.contiguous()
-    if backend == "cpu":
-        return torch.ops.hotloop.group_advantages_cpu(r, gi, group_size, kind, scale, eps)
-    if backend == "triton":
-        from hotloop.triton_kernels.group_advantages import group_advantages_fwd_triton
-
-        return group_advantages_fwd_triton(r, gi, group_size, kind, scale, eps)
-    raise ValueError(f"hotloop.{_OP}: no {backend!r} kernel (it has {_BACKENDS[1:]})")
+    return dispatch.kernel("group_advantages_fwd", r.device)(r, gi, group_size, kind, scale, eps)
 
 
 @group_advantages_fwd.register_fake
-def _(rewards, group_index, group_size, kind, scale, eps, backend):
+def _(rewards, group_index, group_size, kind, scale, eps):
     torch._check(rewards.dim() == 1)
     return rewards.new_empty(rewards.shape, dtype=_out_dtype(rewards))
 
@@ -141,13 +142,10 @@ def group_advantages(rewards: Tensor, *, group_size: int | None = None, group_in
     if mask is not None:
         _check_mask(rewards, mask)
     rewards = rewards.detach()
-    backend = resolve_backend(_OP, rewards.device, _BACKENDS)
-    # the C++ kernel checks the ids itself as it scatters; the others check here (same policy as labels)
-    if group_index is not None and backend != "cpu" and labels_checked_on_host(group_index.device):
+    dispatch.backend("group_advantages_fwd", rewards.device)  # a bad HOTLOOP_BACKEND fails here, before any work
+    if group_index is not None and labels_checked_on_host(group_index.device):
         _check_group_index_range(group_index, rewards.shape[0])
-    if backend == "reference":
-        return group_advantages_ref(rewards, group_size, group_index, kind, scale, eps, mask)
-    adv = torch.ops.hotloop.group_advantages_fwd(rewards, group_index, G, kind, scale, eps, backend)
+    adv = torch.ops.hotloop.group_advantages_fwd(rewards, group_index, G, kind, scale, eps)
     if mask is not None:
         adv = adv[:, None] * mask.to(adv.dtype)
     return adv

@@ -1,12 +1,12 @@
-"""k nearest neighbours: fused distance + top-k that never holds the [Q, M] score matrix (SPEC §8).
+"""k nearest neighbours: fused distance + top-k that never holds the [Q, M] score matrix (docs/knn.md).
 
 Layers, outermost first:
-  knn                   public API: checks (shapes, dtypes, devices, k, finite values), backend choice
+  knn                   public API: checks (shapes, dtypes, devices, k, finite values)
   hotloop::knn_fwd      torch.library custom op with a fake kernel; no autograd: the selection is not
                         differentiable (gather the returned indices and recompute the scores for a gradient)
-  kernel backends       C++ (torch.ops.hotloop.knn_cpu: blocked BLAS tiles + per-query heaps), CUDA C++
-                        (torch.ops.hotloop.knn_cuda: fused distance tiles + shared-memory select + merge); there
-                        is no Triton kernel, so CUDA tensors run the CUDA C++ one
+  kernels               dispatch.kernel: reference.knn (torch), hotloop._C.cpu.knn (blocked BLAS tiles +
+                        per-query heaps), hotloop._C.cuda.knn (fused distance tiles + shared-memory select +
+                        merge); there is no Triton kernel, so CUDA tensors run the CUDA C++ one
 
 Kernel contract (every backend): queries [Q, d] and keys [M, d] of one dtype (float32 / bfloat16 / float16),
 1 <= k <= M, valid None or [M] bool -> (scores [Q, k] float32, indices [Q, k] int64), best first, ties to the
@@ -19,31 +19,29 @@ import operator
 import torch
 from torch import Tensor
 
-from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal import dispatch
 from hotloop._internal.checks import check_same_device, check_tensor, labels_checked_on_host
-from hotloop.reference.knn import METRICS, knn_ref
+from hotloop.contracts import KNN_METRICS as METRICS
+from hotloop.reference.knn import knn_ref
 
 _OP = "knn"
-_BACKENDS = ("reference", "cpu", "cuda")
+dispatch.register("knn_fwd", "reference", knn_ref)
+dispatch.register("knn_fwd", "cpu", dispatch.extension("cpu", "knn"))
+dispatch.register("knn_fwd", "cuda", dispatch.extension("cuda", "knn"))
 KNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------------------------- forward op
 @torch.library.custom_op("hotloop::knn_fwd", mutates_args=())
-def knn_fwd(queries: Tensor, keys: Tensor, k: int, metric: str, valid: Tensor | None,
-            backend: str) -> tuple[Tensor, Tensor]:
+def knn_fwd(queries: Tensor, keys: Tensor, k: int, metric: str, valid: Tensor | None) -> tuple[Tensor, Tensor]:
     """-> (scores [Q, k] float32, indices [Q, k] int64)."""
     q, x = queries.contiguous(), keys.contiguous()
     v = None if valid is None else valid.contiguous()
-    if backend == "cpu":
-        return torch.ops.hotloop.knn_cpu(q, x, k, metric, v)
-    if backend == "cuda":
-        return torch.ops.hotloop.knn_cuda(q, x, k, metric, v)
-    raise ValueError(f"hotloop.{_OP}: no {backend!r} kernel (it has {_BACKENDS[1:]})")
+    return dispatch.kernel("knn_fwd", q.device)(q, x, k, metric, v)
 
 
 @knn_fwd.register_fake
-def _(queries, keys, k, metric, valid, backend):
+def _(queries, keys, k, metric, valid):
     torch._check(queries.dim() == 2 and keys.dim() == 2)
     Q = queries.shape[0]
     return queries.new_empty((Q, k), dtype=torch.float32), queries.new_empty((Q, k), dtype=torch.int64)
@@ -105,10 +103,8 @@ def knn_unchecked_keys(queries: Tensor, keys: Tensor, k: int, metric: str, valid
     k = check_k(_OP, k, keys.shape[0])
     check_finite(_OP, "queries", queries)
     queries, keys = queries.detach(), keys.detach()
-    backend = resolve_backend(_OP, queries.device, _BACKENDS)
-    if backend == "reference":
-        return knn_ref(queries, keys, k, metric, valid)
-    return torch.ops.hotloop.knn_fwd(queries, keys, k, metric, valid, backend)
+    dispatch.backend("knn_fwd", queries.device)  # a bad HOTLOOP_BACKEND fails here, before any work
+    return torch.ops.hotloop.knn_fwd(queries, keys, k, metric, valid)
 
 
 def knn(queries: Tensor, keys: Tensor, k: int, *, metric: str = "l2", valid: Tensor | None = None

@@ -1,10 +1,12 @@
-"""Per-token log-probs, entropy and self-certainty straight from hidden states × lm_head (SPEC §2).
+"""Per-token log-probs, entropy and self-certainty straight from hidden states × lm_head
+(docs/linear_token_stats.md).
 
 The [N, V] logits and their gradient are never held: the CPU backend goes through cache-sized blocks of them
-(hotloop.cpu.linear_token_stats), the Triton backend through on-chip tiles (triton_kernels/linear_token_stats.py).
+(hotloop.cpu.tile_engine), the Triton backend through on-chip tiles (triton_kernels/linear_token_stats.py).
 
 Layers: public linear_token_stats / linear_token_logprobs -> custom ops hotloop::linear_token_stats_fwd / _bwd
-(fake kernels + autograd, traced by torch.compile) -> backend implementation. Kernel contract: hidden [N, H] with
+(fake kernels + autograd, traced by torch.compile) -> dispatch.kernel(op, device): reference.linear_token_stats,
+cpu.linear_token_stats, triton_kernels.linear_token_stats. Kernel contract: hidden [N, H] with
 unit stride along H, weight [V, H] and bias [V] contiguous, labels [N] contiguous; outputs [N] float32 (float64
 for float64 input); backward returns (d_hidden, d_weight, d_bias), each [0] when not asked for.
 """
@@ -13,34 +15,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal import dispatch
 from hotloop._internal.checks import (FLOAT_DTYPES, LABEL_DTYPES, check_index, check_label_range, check_positive,
                              check_same_device, check_tensor, labels_checked_on_host)
 from hotloop.ops.token_stats import TokenStats
-from hotloop.reference.linear_token_stats import linear_token_stats_ref
 
 _OP = "linear_token_stats"
-_BACKENDS = ("reference", "cpu", "triton")
 
 
-def _fwd_impl(backend: str):
-    if backend == "cpu":
-        from hotloop.cpu.linear_token_stats import linear_token_stats_fwd_cpu
-
-        return linear_token_stats_fwd_cpu
-    from hotloop.triton_kernels.linear_token_stats import linear_token_stats_fwd_triton
-
-    return linear_token_stats_fwd_triton
-
-
-def _bwd_impl(backend: str):
-    if backend == "cpu":
-        from hotloop.cpu.linear_token_stats import linear_token_stats_bwd_cpu
-
-        return linear_token_stats_bwd_cpu
-    from hotloop.triton_kernels.linear_token_stats import linear_token_stats_bwd_triton
-
-    return linear_token_stats_bwd_triton
+for _op in ("linear_token_stats_fwd", "linear_token_stats_bwd"):
+    dispatch.register(_op, "reference", f"hotloop.reference.linear_token_stats:{_op}_ref")
+    dispatch.register(_op, "cpu", f"hotloop.cpu.linear_token_stats:{_op}_cpu")
+    dispatch.register(_op, "triton", f"hotloop.triton_kernels.linear_token_stats:{_op}_triton")
 
 
 def _out_dtype(hidden: Tensor) -> torch.dtype:
@@ -49,19 +35,20 @@ def _out_dtype(hidden: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("hotloop::linear_token_stats_fwd", mutates_args=())
 def linear_token_stats_fwd(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor, temperature: float,
-                           ignore_index: int, entropy: bool, self_certainty: bool, grad_filter_eps: float,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           ignore_index: int, entropy: bool, self_certainty: bool, grad_filter_eps: float
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (logprobs [N], entropy [N] | [0], self_certainty [N] | [0], lse [N]); lse is kept for the backward,
     grad_filter_eps is the backward's (see linear_token_stats)."""
     if hidden.shape[0] == 0:
         dt = _out_dtype(hidden)
         e = hidden.new_empty(0, dtype=dt)
         return e, e.clone(), e.clone(), e.clone()
-    return _fwd_impl(backend)(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty)
+    return dispatch.kernel("linear_token_stats_fwd", hidden.device)(hidden, weight, bias, labels, temperature,
+                                                                     ignore_index, entropy, self_certainty)
 
 
 @linear_token_stats_fwd.register_fake
-def _(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty, grad_filter_eps, backend):
+def _(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty, grad_filter_eps):
     N, dt = hidden.shape[0], _out_dtype(hidden)
     return (hidden.new_empty(N, dtype=dt), hidden.new_empty(N if entropy else 0, dtype=dt),
             hidden.new_empty(N if self_certainty else 0, dtype=dt), hidden.new_empty(N, dtype=dt))
@@ -71,8 +58,8 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, entropy, self_cer
 def linear_token_stats_bwd(grad_logprobs: Tensor | None, grad_entropy: Tensor | None,
                            grad_self_certainty: Tensor | None, hidden: Tensor, weight: Tensor, bias: Tensor | None,
                            labels: Tensor, lse: Tensor, entropy: Tensor | None, temperature: float, ignore_index: int,
-                           need_hidden: bool, need_weight: bool, need_bias: bool, grad_filter_eps: float,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                           need_hidden: bool, need_weight: bool, need_bias: bool, grad_filter_eps: float
+                           ) -> tuple[Tensor, Tensor, Tensor]:
     """-> (d_hidden [N, H] | [0], d_weight [V, H] | [0], d_bias [V] | [0])."""
     if hidden.shape[0] == 0:
         d_w = torch.zeros_like(weight) if need_weight else weight.new_empty(0)
@@ -80,34 +67,34 @@ def linear_token_stats_bwd(grad_logprobs: Tensor | None, grad_entropy: Tensor | 
         return hidden.new_empty(hidden.shape if need_hidden else 0), d_w, d_b
     dt = _out_dtype(hidden)
     grads = [None if g is None else g.to(dt).contiguous() for g in (grad_logprobs, grad_entropy, grad_self_certainty)]
-    return _bwd_impl(backend)(*grads, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index,
-                              need_hidden, need_weight, need_bias, filter_eps=grad_filter_eps)
+    return dispatch.kernel("linear_token_stats_bwd", hidden.device)(
+        *grads, hidden, weight, bias, labels, lse, entropy, temperature, ignore_index, need_hidden, need_weight,
+        need_bias, filter_eps=grad_filter_eps)
 
 
 @linear_token_stats_bwd.register_fake
 def _(grad_logprobs, grad_entropy, grad_self_certainty, hidden, weight, bias, labels, lse, entropy, temperature,
-      ignore_index, need_hidden, need_weight, need_bias, grad_filter_eps, backend):
+      ignore_index, need_hidden, need_weight, need_bias, grad_filter_eps):
     return (hidden.new_empty(hidden.shape if need_hidden else 0), weight.new_empty(weight.shape if need_weight else 0),
             hidden.new_empty(bias.shape if need_bias else 0, dtype=bias.dtype if need_bias else hidden.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty, filter_eps, backend = inputs
+    hidden, weight, bias, labels, temperature, ignore_index, entropy, self_certainty, filter_eps = inputs
     _, ent, _, lse = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, ent if entropy else None)
-    ctx.cfg = (temperature, ignore_index, entropy, self_certainty, filter_eps, backend)
+    ctx.cfg = (temperature, ignore_index, entropy, self_certainty, filter_eps)
 
 
 def _backward(ctx, g_logprobs, g_entropy, g_self_certainty, g_lse):
     hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-    temperature, ignore_index, entropy, self_certainty, filter_eps, backend = ctx.cfg
+    temperature, ignore_index, entropy, self_certainty, filter_eps = ctx.cfg
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     d_h, d_w, d_b = torch.ops.hotloop.linear_token_stats_bwd(
         g_logprobs, g_entropy if entropy else None, g_self_certainty if self_certainty else None, hidden, weight,
-        bias, labels, lse, ent, temperature, ignore_index, need_h, need_w, need_b and bias is not None, filter_eps,
-        backend)
+        bias, labels, lse, ent, temperature, ignore_index, need_h, need_w, need_b and bias is not None, filter_eps)
     return (d_h if need_h else None, d_w if need_w else None, d_b if (need_b and bias is not None) else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None)
 
 
 linear_token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -166,19 +153,16 @@ def linear_token_stats(hidden: Tensor, weight: Tensor, labels: Tensor, *, bias: 
     ignore_index = check_index(_OP, "ignore_index", ignore_index)
     if grad_filter_eps != 0.0:
         grad_filter_eps = check_positive(_OP, "grad_filter_eps", grad_filter_eps)
-    backend = resolve_backend(_OP, hidden.device, _BACKENDS)
+    dispatch.backend("linear_token_stats_fwd", hidden.device)  # a bad HOTLOOP_BACKEND fails here, before any work
     if labels_checked_on_host(labels.device):
         check_label_range(_OP, labels, weight.shape[0], ignore_index)
-    if backend == "reference":
-        return TokenStats(*linear_token_stats_ref(hidden, weight, labels, bias, temperature, ignore_index, entropy,
-                                                  self_certainty))
     shape, H = labels.shape, hidden.shape[-1]
     h2 = hidden.reshape(-1, H)
     if h2.stride(1) != 1:
         h2 = h2.contiguous()
     lp, ent, sc, _ = torch.ops.hotloop.linear_token_stats_fwd(
         h2, weight.contiguous(), None if bias is None else bias.contiguous(), labels.reshape(-1).contiguous(),
-        temperature, ignore_index, entropy, self_certainty, float(grad_filter_eps), backend)
+        temperature, ignore_index, entropy, self_certainty, float(grad_filter_eps))
     return TokenStats(lp.view(shape), ent.view(shape) if entropy else None,
                       sc.view(shape) if self_certainty else None)
 

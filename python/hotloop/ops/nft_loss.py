@@ -1,4 +1,4 @@
-"""NFT: Negative-aware Fine-Tuning (Chen et al. 2025, SPEC §5): supervised learning on correct responses plus an
+"""NFT: Negative-aware Fine-Tuning (Chen et al. 2025, docs/nft_loss.md): supervised learning on correct responses plus an
 implicit negative policy on the incorrect ones; its on-policy gradient equals GRPO's with binary rewards.
 
 Layers as in hotloop.ops.policy_loss: nft_loss (checks, group rates r_q, prompt weights and aggregation as
@@ -7,35 +7,37 @@ reference.policy_loss.nft_tokens_ref) -> C++ / Triton kernels; the gradient ride
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal import dispatch
 from hotloop._internal.checks import LABEL_DTYPES, check_same_device, check_tensor, labels_checked_on_host
 from hotloop._internal.attach_grads import loss_with_grads
 from hotloop._internal.loss_checks import (MASK_DTYPES, check_choice, check_like, check_per_row, check_real,
                                      check_token_layout, float_mask, resolve_max_length)
 from hotloop._internal.row_layout import RowLayout
-from hotloop.reference.policy_loss import IMPORTANCE, NFT_METRICS, NFT_RQ_RANGE, nft_loss_ref
+from hotloop._internal.token_terms import TokenTerms
+from hotloop.contracts import IMPORTANCE, NFT_METRICS, NFT_RQ_RANGE
+from hotloop.reference.policy_loss import nft_tokens_ref
 
 _OP = "nft_loss"
-_BACKENDS = ("reference", "cpu", "triton")
+dispatch.register("nft_tokens", "reference", nft_tokens_ref)
+dispatch.register("nft_tokens", "cpu", dispatch.extension("cpu", "nft_tokens"))
+dispatch.register("nft_tokens", "triton", "hotloop.triton_kernels.policy_loss:nft_tokens_triton")
 _CORRECT_DTYPES = (torch.bool, torch.int32, torch.int64, torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 @torch.library.custom_op("hotloop::nft_tokens", mutates_args=())
-def nft_tokens(lr: Tensor, m: Tensor, w: Tensor, r: Tensor, c: Tensor, clamp_negative: float, backend: str
+def nft_tokens(lr: Tensor, m: Tensor, w: Tensor, r: Tensor, c: Tensor, clamp_negative: float
                ) -> tuple[Tensor, Tensor]:
     """[N] inputs -> (g_lr [N], sums [3]); see reference.policy_loss.nft_tokens_ref."""
-    if backend == "cpu":
-        return torch.ops.hotloop.nft_tokens_cpu(lr, m, w, r, c, clamp_negative)
-    from hotloop.triton_kernels.policy_loss import nft_tokens_triton
-
-    return nft_tokens_triton(lr, m, w, r, c, clamp_negative)
+    return dispatch.kernel("nft_tokens", lr.device)(lr, m, w, r, c, clamp_negative)
 
 
 @nft_tokens.register_fake
-def _(lr, m, w, r, c, clamp_negative, backend):
+def _(lr, m, w, r, c, clamp_negative):
     return lr.new_empty(lr.shape), lr.new_empty(3)
 
 
@@ -58,26 +60,51 @@ def prompt_weight(rate: Tensor, normalize: int) -> Tensor:
     return 1.0 - rate if normalize == 1 else torch.sqrt((1.0 - rate) / rate)
 
 
-class NFTTerms:
+@dataclass(frozen=True)
+class NFTOptions:
+    """The options of one NFT call, validated (check_nft_args builds it); group_size None = ragged groups
+    (group_index), max_length resolved."""
+
+    group_size: int | None = None
+    clamp_negative: float = 1.0
+    normalize: int = 1
+    neg_weight: float = 1.0
+    ratio: str = "token"
+    agg: str = "token-mean"
+    max_length: int | None = None
+
+    def op_args(self) -> tuple:
+        """As custom-op arguments: group_size 0 and max_length 0 stand for None (NFTOptions.from_op_args)."""
+        return (self.group_size or 0, self.clamp_negative, self.normalize, self.neg_weight, self.ratio, self.agg,
+                self.max_length or 0)
+
+    @staticmethod
+    def from_op_args(group_size: int, clamp_negative: float, normalize: int, neg_weight: float, ratio: str,
+                     agg: str, max_length: int) -> "NFTOptions":
+        return NFTOptions(group_size or None, clamp_negative, normalize, neg_weight, ratio, agg, max_length or None)
+
+
+class NFTTerms(TokenTerms):
     """One NFT call reduced to per-token data (see PolicyTerms, same interface)."""
 
-    def __init__(self, logp: Tensor, old_logp: Tensor, correct: Tensor, mask: Tensor, group_size: int | None,
-                 group_index: Tensor | None, clamp_negative: float, normalize: int, neg_weight: float, ratio: str,
-                 agg: str, max_length: int | None, cu_seqlens: Tensor | None, backend: str):
-        # float64 math for float64 input on the C++ kernels; the Triton kernels are float32
-        self.dt = torch.float64 if logp.dtype == torch.float64 and backend == "cpu" else torch.float32
+    METRICS = NFT_METRICS
+
+    def __init__(self, logp: Tensor, old_logp: Tensor | None, correct: Tensor, mask: Tensor,
+                 group_index: Tensor | None, cu_seqlens: Tensor | None, opts: NFTOptions):
+        # float64 math for float64 input (CPU only; the Triton kernels take it in float32)
+        self.dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
         self.layout = RowLayout(logp.shape, cu_seqlens, logp.device)
         self.m = float_mask(_OP, mask, self.dt)
         c = correct.detach().to(self.dt)
-        rate = group_rate(c, group_size, group_index)
-        coef = prompt_weight(rate, normalize) * torch.where(c > 0.5, 1.0, neg_weight)
-        self.w_agg = self.layout.agg_weights(self.m, agg, max_length)  # the entropy bonus is weighted by this
+        rate = group_rate(c, opts.group_size, group_index)
+        coef = prompt_weight(rate, opts.normalize) * torch.where(c > 0.5, 1.0, opts.neg_weight)
+        self.w_agg = self.layout.agg_weights(self.m, opts.agg, opts.max_length)  # the entropy bonus is weighted by this
         self.w = self.w_agg * self.layout.per_token(coef)
         self.r, self.c = self.layout.per_token(rate), self.layout.per_token(c)
         self.old = None if old_logp is None else old_logp.detach().reshape(-1).to(self.dt)
-        self.clamp_negative, self.backend = clamp_negative, backend
+        self.clamp_negative = opts.clamp_negative
         self.num_sums = 3
-        self.token_local = ratio == "token"
+        self.token_local = opts.ratio == "token"
 
     def _tokens(self, logp: Tensor, sel: slice | Tensor) -> tuple[Tensor, Tensor]:
         delta = torch.zeros_like(logp) if self.old is None else logp - self.old[sel]  # None: on-policy
@@ -85,19 +112,9 @@ class NFTTerms:
         if not self.token_local:  # whole rows only: sel is slice(None)
             delta, inv = self.layout.sequence_log_ratio(torch.where(self.m != 0, delta, 0.0), self.m)
         g_lr, sums = torch.ops.hotloop.nft_tokens(delta.contiguous(), self.m[sel], self.w[sel], self.r[sel],
-                                                  self.c[sel], self.clamp_negative, self.backend)
+                                                  self.c[sel], self.clamp_negative)
         return (g_lr if inv is None else self.layout.chain_sequence(g_lr, inv)), sums
 
-    def grads(self, logp: Tensor) -> tuple[Tensor, Tensor]:
-        return self._tokens(logp, slice(None))
-
-    def grads_at(self, logp: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        return self._tokens(logp, pos)
-
-    def metrics(self, sums: Tensor) -> dict[str, Tensor]:
-        total = self.m.sum()
-        denom = torch.where(total != 0, total, 1.0)
-        return {name: sums[i + 1] / denom for i, name in enumerate(NFT_METRICS)}
 
 
 def _check_groups(op: str, correct: Tensor, group_size: int | None, group_index: Tensor | None) -> None:
@@ -120,8 +137,8 @@ def _check_groups(op: str, correct: Tensor, group_size: int | None, group_index:
 def check_nft_args(op: str, logp: Tensor, old_logp: Tensor, correct: Tensor, mask: Tensor, group_size: int | None,
                    group_index: Tensor | None, clamp_negative: float, normalize: int, neg_weight: float, ratio: str,
                    agg: str, max_length: int | None, cu_seqlens: Tensor | None,
-                   logp_name: str = "logp") -> tuple[float, float, int | None]:
-    """-> (clamp_negative, neg_weight, max_length) validated; raises naming the argument."""
+                   logp_name: str = "logp") -> NFTOptions:
+    """-> the validated options; raises naming the argument."""
     check_token_layout(op, logp, cu_seqlens, logp_name)
     check_like(op, "old_logp", old_logp, logp)
     check_like(op, "mask", mask, logp, dtypes=MASK_DTYPES)
@@ -137,14 +154,14 @@ def check_nft_args(op: str, logp: Tensor, old_logp: Tensor, correct: Tensor, mas
     neg_weight = check_real(op, "neg_weight", neg_weight, low=0.0)
     check_choice(op, "ratio", ratio, IMPORTANCE)
     max_length = resolve_max_length(op, agg, max_length, logp, cu_seqlens)
-    return clamp_negative, neg_weight, max_length
+    return NFTOptions(group_size, clamp_negative, normalize, neg_weight, ratio, agg, max_length)
 
 
 def nft_loss(logp: Tensor, old_logp: Tensor | None, correct: Tensor, mask: Tensor, *, group_size: int | None = None,
              group_index: Tensor | None = None, clamp_negative: float = 1.0, normalize: int = 1,
              neg_weight: float = 1.0, ratio: str = "token", agg: str = "token-mean", max_length: int | None = None,
              cu_seqlens: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """NFT loss (SPEC §5) over the responses of a batch of prompts.
+    """NFT loss (docs/nft_loss.md) over the responses of a batch of prompts.
 
     r_q = fraction of correct responses in the response's group, clamped to [0.02, 0.98]; R = exp(min(Δ, 10)),
     Δ = logp - old_logp per token (ratio="token") or the row's mean Δ (ratio="sequence"). Per token:
@@ -165,15 +182,11 @@ def nft_loss(logp: Tensor, old_logp: Tensor | None, correct: Tensor, mask: Tenso
         incorrect responses whose negative ratio was clamped)). `correct` and `group_index` are checked with a
         host read unless HOTLOOP_CHECK_LABELS=0.
     """
-    clamp_negative, neg_weight, max_length = check_nft_args(
+    opts = check_nft_args(
         _OP, logp, old_logp, correct, mask, group_size, group_index, clamp_negative, normalize, neg_weight, ratio,
         agg, max_length, cu_seqlens)
-    backend = resolve_backend(_OP, logp.device, _BACKENDS)
-    if backend == "reference":
-        return nft_loss_ref(logp, old_logp, correct, mask, group_size, group_index, clamp_negative, normalize,
-                            neg_weight, ratio, agg, max_length, cu_seqlens)
-    terms = NFTTerms(logp, old_logp, correct, mask, group_size, group_index, clamp_negative, normalize, neg_weight,
-                     ratio, agg, max_length, cu_seqlens, backend)
+    dispatch.backend("nft_tokens", logp.device)  # a bad HOTLOOP_BACKEND fails here, before any work
+    terms = NFTTerms(logp, old_logp, correct, mask, group_index, cu_seqlens, opts)
     with torch.no_grad():
         g, sums = terms.grads(logp.detach().reshape(-1).to(terms.dt))
     loss = loss_with_grads(sums[0], [(logp, g.view(logp.shape))])

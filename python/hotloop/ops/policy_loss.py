@@ -1,54 +1,82 @@
-"""PPO / GRPO-family clipped policy loss with KL to a reference policy (SPEC §4): GRPO, DAPO (clip_high 0.28),
+"""PPO / GRPO-family clipped policy loss with KL to a reference policy (docs/policy_loss.md): GRPO, DAPO (clip_high 0.28),
 Dr. GRPO (agg="dr_grpo"), GSPO (importance="sequence"), dual-clip PPO, REINFORCE++ / RLOO advantages.
 
 Layers, outermost first:
-  policy_loss             public API: checks, backend choice; turns the aggregation into per-token weights and a
+  policy_loss             public API: checks; turns the aggregation into per-token weights and a
                           sequence-level ratio into a per-token log-ratio (PolicyTerms), so the kernel is
                           elementwise; attaches the gradient it returns to the loss (hotloop::attach_grads)
   hotloop::policy_tokens  custom op (fake kernel), one pass over the tokens: d loss / d log-ratio, d loss / d kl
-                          input, and the loss + metric sums (reference.policy_loss.policy_tokens_ref is its spec)
-  kernel backends         C++ (torch.ops.hotloop.policy_tokens_cpu), Triton (CUDA, or CPU under the interpreter)
+                          input, and the loss + metric sums; runs dispatch.kernel("policy_tokens", device)
+  kernels                 reference.policy_loss.policy_tokens_ref (the spec), hotloop._C.cpu.policy_tokens (C++),
+                          triton_kernels.policy_loss.policy_tokens_triton (CUDA, or CPU under the interpreter)
 
 The loss and its gradient come out of one pass; backward is a scalar multiply. PolicyTerms is shared with the
 fused linear path (hotloop.linear_policy_loss), which feeds it log-probs computed from hidden states block by block.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal import dispatch
 from hotloop._internal.attach_grads import loss_with_grads
 from hotloop._internal.loss_checks import (MASK_DTYPES, check_choice, check_like, check_per_row, check_real,
                                      check_token_layout, float_mask, resolve_max_length)
 from hotloop._internal.row_layout import RowLayout
-from hotloop.reference.policy_loss import (IMPORTANCE, KL_KINDS, POLICY_METRICS, per_token_given,
-                                           policy_loss_ref)
+from hotloop._internal.token_terms import TokenTerms
+from hotloop.contracts import IMPORTANCE, KL_IDS, KL_KINDS, POLICY_METRICS
+from hotloop.reference.policy_loss import per_token_given, policy_tokens_kernel_ref
 
 _OP = "policy_loss"
-_BACKENDS = ("reference", "cpu", "triton")
-_KL_IDS = {None: 0, "k1": 1, "k2": 2, "k3": 3}
+dispatch.register("policy_tokens", "reference", policy_tokens_kernel_ref)
+dispatch.register("policy_tokens", "cpu", dispatch.extension("cpu", "policy_tokens"))
+dispatch.register("policy_tokens", "triton", "hotloop.triton_kernels.policy_loss:policy_tokens_triton")
 
 
 @torch.library.custom_op("hotloop::policy_tokens", mutates_args=())
 def policy_tokens(lr: Tensor, kld: Tensor | None, adv: Tensor, m: Tensor, w: Tensor, clip_low: float,
-                  clip_high: float, dual_clip: float, kl_kind: int, kl_coef: float, backend: str
+                  clip_high: float, dual_clip: float, kl_kind: int, kl_coef: float
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """[N] inputs -> (g_lr [N], g_kl [N] | [0], sums [6]); see reference.policy_loss.policy_tokens_ref."""
-    if backend == "cpu":
-        return torch.ops.hotloop.policy_tokens_cpu(lr, kld, adv, m, w, clip_low, clip_high, dual_clip, kl_kind,
-                                                   kl_coef)
-    from hotloop.triton_kernels.policy_loss import policy_tokens_triton
-
-    return policy_tokens_triton(lr, kld, adv, m, w, clip_low, clip_high, dual_clip, kl_kind, kl_coef)
+    return dispatch.kernel("policy_tokens", lr.device)(lr, kld, adv, m, w, clip_low, clip_high, dual_clip, kl_kind,
+                                                        kl_coef)
 
 
 @policy_tokens.register_fake
-def _(lr, kld, adv, m, w, clip_low, clip_high, dual_clip, kl_kind, kl_coef, backend):
+def _(lr, kld, adv, m, w, clip_low, clip_high, dual_clip, kl_kind, kl_coef):
     return lr.new_empty(lr.shape), lr.new_empty(lr.shape if kl_kind else (0,)), lr.new_empty(6)
 
 
-class PolicyTerms:
+@dataclass(frozen=True)
+class PolicyOptions:
+    """The options of one policy-loss call, validated (check_policy_args builds it). dual_clip None = off;
+    max_length resolved (None only where the aggregation does not read it)."""
+
+    kl: str = "k3"
+    kl_coef: float = 0.0
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    importance: str = "token"
+    agg: str = "token-mean"
+    max_length: int | None = None
+
+    def op_args(self) -> tuple:
+        """The options as custom-op arguments (schemas take no Python objects): dual_clip -1 and max_length 0
+        stand for None; PolicyOptions.from_op_args inverts it."""
+        return (self.kl, self.kl_coef, self.clip_low, self.clip_high,
+                -1.0 if self.dual_clip is None else self.dual_clip, self.importance, self.agg, self.max_length or 0)
+
+    @staticmethod
+    def from_op_args(kl: str, kl_coef: float, clip_low: float, clip_high: float, dual_clip: float,
+                     importance: str, agg: str, max_length: int) -> "PolicyOptions":
+        return PolicyOptions(kl, kl_coef, clip_low, clip_high, None if dual_clip <= 0 else dual_clip, importance,
+                             agg, max_length or None)
+
+
+class PolicyTerms(TokenTerms):
     """One policy-loss call reduced to per-token data: weights, advantages, old / ref log-probs, options.
 
     grads(logp) gives (d loss / d logp [N], sums [6]) for all tokens; token_local says whether grads can also be
@@ -56,24 +84,25 @@ class PolicyTerms:
     linear path finish a block of tokens while its logits are still in cache.
     """
 
-    def __init__(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Tensor | None,
-                 kl: str, kl_coef: float, clip_low: float, clip_high: float, dual_clip: float | None,
-                 importance: str, agg: str, max_length: int | None, cu_seqlens: Tensor | None, backend: str):
-        # float64 math for float64 input on the C++ kernels; the Triton kernels are float32
-        self.dt = torch.float64 if logp.dtype == torch.float64 and backend == "cpu" else torch.float32
+    METRICS = POLICY_METRICS
+
+    def __init__(self, logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: Tensor,
+                 ref_logp: Tensor | None, cu_seqlens: Tensor | None, opts: PolicyOptions):
+        # float64 math for float64 input (CPU only; the Triton kernels take it in float32)
+        self.dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
         self.layout = RowLayout(logp.shape, cu_seqlens, logp.device)
         self.m = float_mask(_OP, mask, self.dt)
-        self.w = self.w_agg = self.layout.agg_weights(self.m, agg, max_length)
+        self.w = self.w_agg = self.layout.agg_weights(self.m, opts.agg, opts.max_length)
         adv = advantages.detach().to(self.dt)
         per_token = per_token_given(adv, logp, cu_seqlens)
         self.adv = adv.reshape(-1).contiguous() if per_token else self.layout.per_token(adv)
         self.old = None if old_logp is None else old_logp.detach().reshape(-1).to(self.dt)
         self.ref = None if ref_logp is None else ref_logp.detach().reshape(-1).to(self.dt)
-        self.kl_kind = _KL_IDS[kl] if self.ref is not None else 0
-        self.cfg = (clip_low, clip_high, -1.0 if dual_clip is None else dual_clip)
-        self.kl_coef, self.backend = kl_coef, backend
+        self.kl_kind = KL_IDS[opts.kl] if self.ref is not None else 0
+        self.cfg = (opts.clip_low, opts.clip_high, -1.0 if opts.dual_clip is None else opts.dual_clip)
+        self.kl_coef = opts.kl_coef
         self.num_sums = 6
-        self.token_local = importance == "token"
+        self.token_local = opts.importance == "token"
 
     def _tokens(self, logp: Tensor, sel: slice | Tensor) -> tuple[Tensor, Tensor]:
         delta = torch.zeros_like(logp) if self.old is None else logp - self.old[sel]  # None: on-policy
@@ -82,31 +111,18 @@ class PolicyTerms:
             delta, inv = self.layout.sequence_log_ratio(torch.where(self.m != 0, delta, 0.0), self.m)
         kld = None if self.kl_kind == 0 else (logp - self.ref[sel]).contiguous()
         g_lr, g_kl, sums = torch.ops.hotloop.policy_tokens(
-            delta.contiguous(), kld, self.adv[sel], self.m[sel], self.w[sel], *self.cfg, self.kl_kind, self.kl_coef,
-            self.backend)
+            delta.contiguous(), kld, self.adv[sel], self.m[sel], self.w[sel], *self.cfg, self.kl_kind, self.kl_coef)
         g = g_lr if inv is None else self.layout.chain_sequence(g_lr, inv)
         return (g if self.kl_kind == 0 else g + g_kl), sums
 
-    def grads(self, logp: Tensor) -> tuple[Tensor, Tensor]:
-        """logp [N] (detached, self.dt) -> (d loss / d logp [N], sums [6])."""
-        return self._tokens(logp, slice(None))
-
-    def grads_at(self, logp: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """The same for the tokens at positions `pos` only (token_local losses)."""
-        return self._tokens(logp, pos)
-
-    def metrics(self, sums: Tensor) -> dict[str, Tensor]:
-        total = self.m.sum()
-        denom = torch.where(total != 0, total, 1.0)
-        return {name: sums[i + 1] / denom for i, name in enumerate(POLICY_METRICS)}
 
 
 def check_policy_args(op: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                       ref_logp: Tensor | None, kl: str, kl_coef: float, clip_low: float, clip_high: float,
                       dual_clip: float | None, importance: str, agg: str, max_length: int | None,
                       cu_seqlens: Tensor | None,
-                      logp_name: str = "logp") -> tuple[float, float, float, float | None, int | None]:
-    """-> (kl_coef, clip_low, clip_high, dual_clip, max_length) validated; raises naming the argument."""
+                      logp_name: str = "logp") -> PolicyOptions:
+    """-> the validated options; raises naming the argument."""
     check_token_layout(op, logp, cu_seqlens, logp_name)
     check_like(op, "old_logp", old_logp, logp)
     check_like(op, "ref_logp", ref_logp, logp)
@@ -123,7 +139,7 @@ def check_policy_args(op: str, logp: Tensor, old_logp: Tensor, advantages: Tenso
     if dual_clip is not None:
         dual_clip = check_real(op, "dual_clip", dual_clip, low=1.0, low_open=True)
     max_length = resolve_max_length(op, agg, max_length, logp, cu_seqlens)
-    return kl_coef, clip_low, clip_high, dual_clip, max_length
+    return PolicyOptions(kl, kl_coef, clip_low, clip_high, dual_clip, importance, agg, max_length)
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask: Tensor, *,
@@ -131,7 +147,7 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
                 clip_high: float = 0.2, dual_clip: float | None = None, importance: str = "token",
                 agg: str = "token-mean", max_length: int | None = None, cu_seqlens: Tensor | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped policy-gradient loss with optional KL penalty, aggregated over tokens (SPEC §4).
+    """Clipped policy-gradient loss with optional KL penalty, aggregated over tokens (docs/policy_loss.md).
 
     Per token with Δ = logp - old_logp, ρ = exp(clamp(Δ, -20, 20)) and advantage A:
         l = max(-A ρ, -A clip(ρ, 1 - clip_low, 1 + clip_high))       (dual clip c: min(l, -c A) where A < 0)
@@ -165,15 +181,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, mask:
     call (no retain_graph, no double backward). No host synchronisation on GPU beyond the optional cu_seqlens /
     mask checks (off with HOTLOOP_CHECK_LABELS=0).
     """
-    kl_coef, clip_low, clip_high, dual_clip, max_length = check_policy_args(
+    opts = check_policy_args(
         _OP, logp, old_logp, advantages, mask, ref_logp, kl, kl_coef, clip_low, clip_high, dual_clip, importance,
         agg, max_length, cu_seqlens)
-    backend = resolve_backend(_OP, logp.device, _BACKENDS)
-    if backend == "reference":
-        return policy_loss_ref(logp, old_logp, advantages, mask, ref_logp, kl, kl_coef, clip_low, clip_high,
-                               dual_clip, importance, agg, max_length, cu_seqlens)
-    terms = PolicyTerms(logp, old_logp, advantages, mask, ref_logp, kl, kl_coef, clip_low, clip_high, dual_clip,
-                        importance, agg, max_length, cu_seqlens, backend)
+    dispatch.backend("policy_tokens", logp.device)  # a bad HOTLOOP_BACKEND fails here, before any work
+    terms = PolicyTerms(logp, old_logp, advantages, mask, ref_logp, cu_seqlens, opts)
     with torch.no_grad():
         g, sums = terms.grads(logp.detach().reshape(-1).to(terms.dt))
     loss = loss_with_grads(sums[0], [(logp, g.view(logp.shape))])

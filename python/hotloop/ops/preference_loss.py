@@ -1,13 +1,13 @@
-"""DPO-family preference losses (SPEC §6) and KTO over per-sequence log-prob sums.
+"""DPO-family preference losses (docs/preference_loss.md) and KTO over per-sequence log-prob sums.
 
 Layers, outermost first:
-  preference_loss / kto_loss  public API: checks, backend choice; fills the per-pair inputs a kind does not read
+  preference_loss / kto_loss  public API: checks; fills the per-pair inputs a kind does not read
                               with constants, averages the per-pair losses, attaches the per-pair gradients / B
                               (hotloop::attach_grads) and computes the metrics with torch
   hotloop::preference_pairs   custom ops (fake kernels), one pass over the pairs: loss and gradients per pair
   hotloop::kto_items          (reference.preference_loss.preference_pairs_ref / kto_items_ref are their specs)
-  kernel backends             C++ (torch.ops.hotloop.preference_pairs_cpu / kto_items_cpu), Triton (CUDA, or CPU
-                              under the interpreter)
+  kernels                     dispatch.kernel(op, device): the reference functions, hotloop._C.cpu (C++),
+                              triton_kernels.preference_loss (CUDA, or CPU under the interpreter)
 
 The loss and its gradients come out of one pass; backward is a scalar multiply. No host synchronisation on GPU
 beyond the optional consistency range check (off with HOTLOOP_CHECK_LABELS=0).
@@ -17,51 +17,48 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal import dispatch
 from hotloop._internal.checks import FLOAT_DTYPES, check_same_device, check_tensor, labels_checked_on_host
 from hotloop._internal.attach_grads import loss_with_grads
 from hotloop._internal.loss_checks import check_choice, check_real
-from hotloop.reference.preference_loss import (KIND_IDS, KINDS, LENGTH_NORMALISED, REFERENCE_FREE, clamped_lengths,
-                                               kto_kl, kto_loss_ref, kto_metrics, preference_loss_ref,
-                                               preference_metrics, preference_rewards)
+from hotloop.contracts import LENGTH_NORMALISED, REFERENCE_FREE
+from hotloop.contracts import PREFERENCE_KIND_IDS as KIND_IDS
+from hotloop.contracts import PREFERENCE_KINDS as KINDS
+from hotloop.reference.preference_loss import (clamped_lengths, kto_items_ref, kto_kl, kto_metrics,
+                                               preference_metrics, preference_pairs_kernel_ref, preference_rewards)
 
 _OP = "preference_loss"
 _KTO_OP = "kto_loss"
-_BACKENDS = ("reference", "cpu", "triton")
+for _op, _ref in (("preference_pairs", preference_pairs_kernel_ref), ("kto_items", kto_items_ref)):
+    dispatch.register(_op, "reference", _ref)
+    dispatch.register(_op, "cpu", dispatch.extension("cpu", _op))
+    dispatch.register(_op, "triton", f"hotloop.triton_kernels.preference_loss:{_op}_triton")
 LENGTH_DTYPES = (torch.int32, torch.int64) + FLOAT_DTYPES
 
 
 @torch.library.custom_op("hotloop::preference_pairs", mutates_args=())
 def preference_pairs(x_w: Tensor, x_l: Tensor, r_w: Tensor, r_l: Tensor, len_w: Tensor, len_l: Tensor, c: Tensor,
-                     nll: Tensor, kind: int, beta: float, label_smoothing: float, gamma: float, backend: str
+                     nll: Tensor, kind: int, beta: float, label_smoothing: float, gamma: float
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """[B] inputs -> (loss, g_w, g_l, g_nll), each [B]; see reference.preference_loss.preference_pairs_ref."""
-    if backend == "cpu":
-        return torch.ops.hotloop.preference_pairs_cpu(x_w, x_l, r_w, r_l, len_w, len_l, c, nll, kind, beta,
-                                                      label_smoothing, gamma)
-    from hotloop.triton_kernels.preference_loss import preference_pairs_triton
-
-    return preference_pairs_triton(x_w, x_l, r_w, r_l, len_w, len_l, c, nll, kind, beta, label_smoothing, gamma)
+    return dispatch.kernel("preference_pairs", x_w.device)(x_w, x_l, r_w, r_l, len_w, len_l, c, nll, kind, beta,
+                                                            label_smoothing, gamma)
 
 
 @preference_pairs.register_fake
-def _(x_w, x_l, r_w, r_l, len_w, len_l, c, nll, kind, beta, label_smoothing, gamma, backend):
+def _(x_w, x_l, r_w, r_l, len_w, len_l, c, nll, kind, beta, label_smoothing, gamma):
     return tuple(x_w.new_empty(x_w.shape) for _ in range(4))
 
 
 @torch.library.custom_op("hotloop::kto_items", mutates_args=())
 def kto_items(x: Tensor, r: Tensor, d: Tensor, kl: Tensor, beta: float, desirable_weight: float,
-              undesirable_weight: float, backend: str) -> tuple[Tensor, Tensor]:
+              undesirable_weight: float) -> tuple[Tensor, Tensor]:
     """[B] inputs, kl [1] -> (loss [B], g [B]); see reference.preference_loss.kto_items_ref."""
-    if backend == "cpu":
-        return torch.ops.hotloop.kto_items_cpu(x, r, d, kl, beta, desirable_weight, undesirable_weight)
-    from hotloop.triton_kernels.preference_loss import kto_items_triton
-
-    return kto_items_triton(x, r, d, kl, beta, desirable_weight, undesirable_weight)
+    return dispatch.kernel("kto_items", x.device)(x, r, d, kl, beta, desirable_weight, undesirable_weight)
 
 
 @kto_items.register_fake
-def _(x, r, d, kl, beta, desirable_weight, undesirable_weight, backend):
+def _(x, r, d, kl, beta, desirable_weight, undesirable_weight):
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
@@ -132,7 +129,7 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
                     label_smoothing: float = 0.0, gamma: float = 0.5, consistency: Tensor | None = None,
                     chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
                     chosen_nll: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """DPO-family pairwise preference loss, averaged over pairs (SPEC §6; TRL's DPOTrainer / CPOTrainer /
+    """DPO-family pairwise preference loss, averaged over pairs (docs/preference_loss.md; TRL's DPOTrainer / CPOTrainer /
     ORPOTrainer formulas, see hotloop.reference.preference_loss for each kind written out).
 
     With h = s - s_ref (the policy's minus the reference's sequence log-prob sum) and z = β(h_w - h_l):
@@ -159,17 +156,27 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
     The gradients are computed in the forward: one backward per call (no retain_graph, no double backward).
     """
+    value, metrics, g_w, g_l, g_nll = preference_value_and_grads(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, kind, beta, label_smoothing, gamma,
+        consistency, chosen_lengths, rejected_lengths, chosen_nll)
+    pairs = [(chosen_logps, g_w), (rejected_logps, g_l)] + ([(chosen_nll, g_nll)] if g_nll is not None else [])
+    return loss_with_grads(value, pairs), metrics
+
+
+def preference_value_and_grads(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Tensor | None,
+                               ref_rejected_logps: Tensor | None, kind: str, beta: float, label_smoothing: float,
+                               gamma: float, consistency: Tensor | None, chosen_lengths: Tensor | None,
+                               rejected_lengths: Tensor | None, chosen_nll: Tensor | None
+                               ) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor, Tensor | None]:
+    """preference_loss's value and metrics with its gradients as tensors (no autograd): (loss [], metrics,
+    d loss / d chosen_logps [B], d loss / d rejected_logps [B], d loss / d chosen_nll [B] (orpo) | None), in the
+    math dtype. For callers that chain them by hand (the fused linear form, inside its custom op)."""
     beta, label_smoothing, gamma = check_preference_args(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, kind, beta, label_smoothing, gamma,
         consistency, chosen_lengths, rejected_lengths, chosen_nll)
-    backend = resolve_backend(_OP, chosen_logps.device, _BACKENDS)
-    if backend == "reference":
-        return preference_loss_ref(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, kind, beta,
-                                   label_smoothing, gamma, consistency, chosen_lengths, rejected_lengths, chosen_nll)
-    # float64 math for float64 input on the C++ kernels; the Triton kernels are float32
-    dt = torch.float64 if chosen_logps.dtype == torch.float64 and backend == "cpu" else torch.float32
-    out_dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
-    B = chosen_logps.shape[0]
+    dispatch.backend("preference_pairs", chosen_logps.device)  # a bad HOTLOOP_BACKEND fails here, before any work
+    # float64 math for float64 input (CPU only; the Triton kernels take it in float32)
+    dt = torch.float64 if chosen_logps.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         x_w, x_l = chosen_logps.detach().to(dt).contiguous(), rejected_logps.detach().to(dt).contiguous()
         zeros, ones = torch.zeros_like(x_w), torch.ones_like(x_w)
@@ -180,17 +187,12 @@ def preference_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_log
         c = ones if consistency is None else consistency.detach().to(dt).contiguous()
         nll = filled(chosen_nll)
         losses, g_w, g_l, g_nll = preference_pairs(x_w, x_l, r_w, r_l, len_w, len_l, c, nll, KIND_IDS[kind], beta,
-                                                   label_smoothing, gamma, backend)
-        inv_b = 1.0 / B
-        value = (losses.sum() * inv_b).to(out_dt)
-        pairs = [(chosen_logps, g_w * inv_b), (rejected_logps, g_l * inv_b)]
-        if kind == "orpo":
-            pairs.append((chosen_nll, g_nll * inv_b))
-        m_dt = out_dt
-        h_w, h_l = preference_rewards(x_w.to(m_dt), x_l.to(m_dt), r_w.to(m_dt), r_l.to(m_dt), kind, len_w.to(m_dt),
-                                      len_l.to(m_dt))
-        metrics = preference_metrics(h_w, h_l, x_w.to(m_dt), x_l.to(m_dt), beta)
-    return loss_with_grads(value, pairs), metrics
+                                                   label_smoothing, gamma)
+        inv_b = 1.0 / chosen_logps.shape[0]
+        h_w, h_l = preference_rewards(x_w, x_l, r_w, r_l, kind, len_w, len_l)
+        metrics = preference_metrics(h_w, h_l, x_w, x_l, beta)
+    return (losses.sum() * inv_b, metrics, g_w * inv_b, g_l * inv_b,
+            g_nll * inv_b if kind == "orpo" else None)
 
 
 def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, *, beta: float = 0.1,
@@ -231,19 +233,15 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, *, beta
     beta = check_real(op, "beta", beta, low=0.0, low_open=True)
     desirable_weight = check_real(op, "desirable_weight", desirable_weight, low=0.0)
     undesirable_weight = check_real(op, "undesirable_weight", undesirable_weight, low=0.0)
-    backend = resolve_backend(op, policy_logps.device, _BACKENDS)
-    if backend == "reference":
-        return kto_loss_ref(policy_logps, ref_logps, desirable, kl, beta, desirable_weight, undesirable_weight)
-    dt = torch.float64 if policy_logps.dtype == torch.float64 and backend == "cpu" else torch.float32
-    out_dt = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
+    dispatch.backend("kto_items", policy_logps.device)  # a bad HOTLOOP_BACKEND fails here, before any work
+    dt = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         x = policy_logps.detach().to(dt).contiguous()
         r = ref_logps.detach().to(dt).contiguous()
         d = desirable.to(dt).contiguous()
         k = kto_kl(kl, x).contiguous()
-        losses, g = kto_items(x, r, d, k, beta, desirable_weight, undesirable_weight, backend)
+        losses, g = kto_items(x, r, d, k, beta, desirable_weight, undesirable_weight)
         inv_b = 1.0 / x.shape[0]
-        value = (losses.sum() * inv_b).to(out_dt)
-        xm = x.to(out_dt)
-        metrics = kto_metrics(xm - r.to(out_dt), xm, desirable, k.to(out_dt), beta)
+        value = losses.sum() * inv_b
+        metrics = kto_metrics(x - r, x, desirable, k, beta)
     return loss_with_grads(value, [(policy_logps, g * inv_b)]), metrics

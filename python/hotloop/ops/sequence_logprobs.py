@@ -1,4 +1,4 @@
-"""Sequence log-probs for preference losses (SPEC §6): s = Σ_t m_t log p(y_t), or its mean over the sequence's
+"""Sequence log-probs for preference losses (docs/preference_loss.md): s = Σ_t m_t log p(y_t), or its mean over the sequence's
 tokens, per sequence of a padded [B, T] or packed [N] (cu_seqlens) batch, differentiable.
 
 The per-token work is hotloop.token_logprobs / linear_token_logprobs (their C++ / Triton kernels, forward and
@@ -11,12 +11,11 @@ import torch
 from torch import Tensor
 
 from hotloop._internal.checks import LABEL_DTYPES, check_tensor
+from hotloop.contracts import IGNORE_INDEX as IGNORE
 from hotloop.ops.linear_token_stats import linear_token_logprobs
 from hotloop._internal.loss_checks import MASK_DTYPES, check_like, check_token_layout, float_mask
 from hotloop._internal.row_layout import RowLayout
 from hotloop.ops.token_stats import token_logprobs
-
-IGNORE = -100
 
 
 def _check(op: str, labels: Tensor, mask: Tensor, cu_seqlens: Tensor | None) -> None:

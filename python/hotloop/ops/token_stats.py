@@ -1,9 +1,12 @@
-"""Per-token log-probs, entropy and self-certainty from logits in one pass over the vocabulary (SPEC §1).
+"""Per-token log-probs, entropy and self-certainty from logits in one pass over the vocabulary
+(docs/token_stats.md).
 
 Layers, outermost first:
-  token_stats / token_logprobs   public API: checks, backend choice, TokenStats
-  hotloop::token_stats_fwd/_bwd  torch.library custom ops (fake kernels + autograd), traced by torch.compile
-  kernel backends                C++ (torch.ops.hotloop.token_stats_*_cpu), Triton, CUDA C++ (*_cuda)
+  token_stats / token_logprobs   public API: checks, TokenStats
+  hotloop::token_stats_fwd/_bwd  torch.library custom ops (fake kernels + autograd), traced by torch.compile;
+                                 each runs dispatch.kernel(op, device): the backend is picked per call
+  kernels                        reference.token_stats (torch), hotloop._C.cpu (C++),
+                                 triton_kernels.token_stats (Triton), hotloop._C.cuda (CUDA C++)
 
 Kernel contract (every backend): logits [B, T, V] with stride(2) == 1 and any leading strides; labels [B, T]
 contiguous; outputs [B, T] float32 (float64 for float64 logits), entropy / self-certainty as [0] when not
@@ -16,12 +19,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hotloop._internal.dispatch import resolve_backend
+from hotloop._internal import dispatch
 from hotloop._internal.checks import (check_index, check_label_range, check_logits_labels, check_positive,
                              labels_checked_on_host)
 from hotloop._internal.layout import rows3d, rows3d_or_copy
 from hotloop._internal.memory import empty_large
-from hotloop.reference.token_stats import token_stats_ref
+from hotloop.reference.token_stats import token_stats_bwd_ref, token_stats_fwd_ref
 
 _OP = "token_stats"
 
@@ -34,24 +37,12 @@ class TokenStats(NamedTuple):
     self_certainty: Tensor | None
 
 
-def _kernel_fwd(backend: str):
-    if backend == "cpu":
-        return torch.ops.hotloop.token_stats_fwd_cpu
-    if backend == "cuda":
-        return torch.ops.hotloop.token_stats_fwd_cuda
-    from hotloop.triton_kernels.token_stats import token_stats_fwd_triton
-
-    return token_stats_fwd_triton
-
-
-def _kernel_bwd(backend: str):
-    if backend == "cpu":
-        return torch.ops.hotloop.token_stats_bwd_cpu
-    if backend == "cuda":
-        return torch.ops.hotloop.token_stats_bwd_cuda
-    from hotloop.triton_kernels.token_stats import token_stats_bwd_triton
-
-    return token_stats_bwd_triton
+for _op, _triton in (("token_stats_fwd", "token_stats_fwd_triton"), ("token_stats_bwd", "token_stats_bwd_triton")):
+    dispatch.register(_op, "cpu", dispatch.extension("cpu", _op))
+    dispatch.register(_op, "triton", f"hotloop.triton_kernels.token_stats:{_triton}")
+    dispatch.register(_op, "cuda", dispatch.extension("cuda", _op))
+dispatch.register("token_stats_fwd", "reference", token_stats_fwd_ref)
+dispatch.register("token_stats_bwd", "reference", token_stats_bwd_ref)
 
 
 def _out_dtype(logits: Tensor) -> torch.dtype:
@@ -61,8 +52,7 @@ def _out_dtype(logits: Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------- forward op
 @torch.library.custom_op("hotloop::token_stats_fwd", mutates_args=())
 def token_stats_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, entropy: bool,
-                    self_certainty: bool, inplace_backward: bool, backend: str
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    self_certainty: bool, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (logprobs, entropy or [0], self_certainty or [0], lse); lse = logsumexp(logits / T), kept for backward."""
     x = rows3d_or_copy(logits)
     lab = labels.reshape(x.shape[:2]).contiguous()
@@ -71,14 +61,15 @@ def token_stats_fwd(logits: Tensor, labels: Tensor, temperature: float, ignore_i
         none = logits.new_empty(0, dtype=_out_dtype(logits))
         return empty, (empty.clone() if entropy else none), (empty.clone() if self_certainty else none.clone()), \
             empty.clone()
-    lp, ent, sc, lse = _kernel_fwd(backend)(x, lab, temperature, ignore_index, entropy, self_certainty)
+    lp, ent, sc, lse = dispatch.kernel("token_stats_fwd", x.device)(x, lab, temperature, ignore_index, entropy,
+                                                                      self_certainty)
     shape = labels.shape
     return lp.view(shape), (ent.view(shape) if entropy else ent), (sc.view(shape) if self_certainty else sc), \
         lse.view(shape)
 
 
 @token_stats_fwd.register_fake
-def _(logits, labels, temperature, ignore_index, entropy, self_certainty, inplace_backward, backend):
+def _(logits, labels, temperature, ignore_index, entropy, self_certainty, inplace_backward):
     dtype = _out_dtype(logits)
     full = lambda: logits.new_empty(labels.shape, dtype=dtype)  # noqa: E731
     none = lambda: logits.new_empty(0, dtype=dtype)  # noqa: E731
@@ -92,7 +83,7 @@ def _grad_rows(g: Tensor | None, shape: torch.Size, dtype: torch.dtype) -> Tenso
 
 
 def _run_bwd(grad: Tensor, grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy,
-             temperature, ignore_index, backend) -> None:
+             temperature, ignore_index) -> None:
     """Write d loss / d logits into `grad`: a fresh contiguous tensor of logits' shape, or logits itself."""
     x = rows3d_or_copy(logits)
     rows = x.shape[:2]
@@ -100,7 +91,7 @@ def _run_bwd(grad: Tensor, grad_logprobs, grad_entropy, grad_self_certainty, log
         return
     out = x if grad is logits else grad.view(x.shape)
     dt = _out_dtype(logits)
-    _kernel_bwd(backend)(
+    dispatch.kernel("token_stats_bwd", x.device)(
         out, _grad_rows(grad_logprobs, rows, dt), _grad_rows(grad_entropy, rows, dt),
         _grad_rows(grad_self_certainty, rows, dt), x, labels.reshape(rows).contiguous(),
         lse.reshape(rows).contiguous(), None if entropy is None else entropy.reshape(rows).contiguous(),
@@ -111,60 +102,58 @@ def _run_bwd(grad: Tensor, grad_logprobs, grad_entropy, grad_self_certainty, log
 @torch.library.custom_op("hotloop::token_stats_bwd", mutates_args=())
 def token_stats_bwd(grad_logprobs: Tensor | None, grad_entropy: Tensor | None, grad_self_certainty: Tensor | None,
                     logits: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor | None, temperature: float,
-                    ignore_index: int, backend: str) -> Tensor:
+                    ignore_index: int) -> Tensor:
     """d loss / d logits, in logits' dtype and shape (contiguous)."""
     grad = empty_large(logits.shape, logits.dtype, logits.device)
     _run_bwd(grad, grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy, temperature,
-             ignore_index, backend)
+             ignore_index)
     return grad
 
 
 @token_stats_bwd.register_fake
-def _(grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy, temperature, ignore_index,
-      backend):
+def _(grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy, temperature, ignore_index):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("hotloop::token_stats_bwd_inplace", mutates_args=("logits",))
 def token_stats_bwd_inplace(grad_logprobs: Tensor | None, grad_entropy: Tensor | None,
                             grad_self_certainty: Tensor | None, logits: Tensor, labels: Tensor, lse: Tensor,
-                            entropy: Tensor | None, temperature: float, ignore_index: int, backend: str) -> None:
+                            entropy: Tensor | None, temperature: float, ignore_index: int) -> None:
     """Overwrites `logits` with d loss / d logits (saves the [N, V] gradient buffer)."""
     if rows3d(logits) is None:  # leading dims not viewable as two strides: compute aside, copy into the storage
         logits.copy_(token_stats_bwd(grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy,
-                                     temperature, ignore_index, backend))
+                                     temperature, ignore_index))
         return
     _run_bwd(logits, grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy, temperature,
-             ignore_index, backend)
+             ignore_index)
 
 
 @token_stats_bwd_inplace.register_fake
-def _(grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy, temperature, ignore_index,
-      backend):
+def _(grad_logprobs, grad_entropy, grad_self_certainty, logits, labels, lse, entropy, temperature, ignore_index):
     return None
 
 
 # ---------------------------------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, entropy, self_certainty, inplace_backward, backend = inputs
+    logits, labels, temperature, ignore_index, entropy, self_certainty, inplace_backward = inputs
     _, ent, _, lse = output
     ctx.save_for_backward(logits, labels, lse, ent if entropy else None)
-    ctx.cfg = (temperature, ignore_index, entropy, self_certainty, inplace_backward, backend)
+    ctx.cfg = (temperature, ignore_index, entropy, self_certainty, inplace_backward)
 
 
 def _backward(ctx, g_logprobs, g_entropy, g_self_certainty, g_lse):
     logits, labels, lse, ent = ctx.saved_tensors
-    temperature, ignore_index, entropy, self_certainty, inplace, backend = ctx.cfg
+    temperature, ignore_index, entropy, self_certainty, inplace = ctx.cfg
     g_entropy = g_entropy if entropy else None
     g_self_certainty = g_self_certainty if self_certainty else None
-    args = (g_logprobs, g_entropy, g_self_certainty, logits, labels, lse, ent, temperature, ignore_index, backend)
+    args = (g_logprobs, g_entropy, g_self_certainty, logits, labels, lse, ent, temperature, ignore_index)
     # rows that share memory (expanded / stride-0 logits) would all write one storage: compute those out of place
     if inplace and torch._debug_has_internal_overlap(logits) != 1:  # 1 = overlap; 2 = "too hard", e.g. a slice
         torch.ops.hotloop.token_stats_bwd_inplace(*args)
         grad = logits
     else:
         grad = torch.ops.hotloop.token_stats_bwd(*args)
-    return grad, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 token_stats_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -193,14 +182,11 @@ def token_stats(logits: Tensor, labels: Tensor, *, temperature: float = 1.0, ign
     check_logits_labels(_OP, logits, labels)
     temperature = check_positive(_OP, "temperature", temperature)
     ignore_index = check_index(_OP, "ignore_index", ignore_index)
-    backend = resolve_backend(_OP, logits.device)
-    # the C++ kernel checks label range itself as it reads the labels; other backends check here
-    if backend != "cpu" and labels_checked_on_host(labels.device):
+    dispatch.backend("token_stats_fwd", logits.device)  # a bad HOTLOOP_BACKEND fails here, before any work
+    if labels_checked_on_host(labels.device):
         check_label_range(_OP, labels, logits.shape[-1], ignore_index)
-    if backend == "reference":
-        return TokenStats(*token_stats_ref(logits, labels, temperature, ignore_index, entropy, self_certainty))
     lp, ent, sc, _ = torch.ops.hotloop.token_stats_fwd(
-        logits, labels, temperature, ignore_index, entropy, self_certainty, inplace_backward, backend)
+        logits, labels, temperature, ignore_index, entropy, self_certainty, inplace_backward)
     return TokenStats(lp, ent if entropy else None, sc if self_certainty else None)
 
 

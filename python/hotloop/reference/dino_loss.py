@@ -1,4 +1,4 @@
-"""SPEC §7 in plain torch: the DINO loss and its centre update, as the DINO paper's code computes them.
+"""docs/dino_loss.md in plain torch: the DINO loss and its centre update, as the DINO paper's code computes them.
 
 Rows are crop-major: student_out [n_crops * B, K] is n_crops chunks of B rows (the first n_global are the
 global crops), teacher_out [n_global * B, K] n_global chunks. With q_i = softmax((t_i - c) / tau_t) (no
@@ -47,3 +47,11 @@ def update_center_ref(center: Tensor, teacher_out: Tensor, momentum: float = 0.9
         torch.distributed.all_reduce(batch)
         rows *= torch.distributed.get_world_size()
     return center.mul_(momentum).add_(batch.reshape(center.shape) / rows, alpha=1.0 - momentum)
+
+
+def dino_loss_fwd_ref(student: Tensor, teacher: Tensor, center: Tensor, n_global: int, tau_s: float, tau_t: float,
+                      need_grad: bool) -> tuple[Tensor, Tensor]:
+    """The reference backend's kernel of hotloop::dino_loss_fwd: (loss, d loss / d student or [0])."""
+    from hotloop.reference._grads import value_and_grad
+
+    return value_and_grad(lambda s: dino_loss_ref(s, teacher, center, n_global, tau_s, tau_t), student, need_grad)

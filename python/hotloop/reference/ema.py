@@ -1,4 +1,4 @@
-"""SPEC §7 in plain torch: the EMA of a model's tensors, target <- d * target + (1 - d) * online.
+"""docs/ema.md in plain torch: the EMA of a model's tensors, target <- d * target + (1 - d) * online.
 
 One tensor at a time, float32 math (float64 for float64 tensors) with ATen's lerp (w = 1 - d), rounded once to
 the target's dtype; `out_copy[i]`, when given, receives the new target rounded to its own dtype (an empty
@@ -28,3 +28,10 @@ def ema_update_ref(target: Sequence[Tensor], online: Sequence[Tensor], decay: fl
         t.copy_(new)
         if out_copy is not None and (out_copy[i].numel() or not t.numel()):  # empty: no copy of this one
             out_copy[i].copy_(new)
+
+
+def ema_update_kernel_ref(target: list[Tensor], online: list[Tensor], out_copy: list[Tensor], decay: float,
+                          decay_tensor: Tensor | None) -> None:
+    """The reference backend's kernel of hotloop::ema_update (out_copy empty: no copies; decay_tensor, when
+    given, overrides decay)."""
+    ema_update_ref(target, online, decay if decay_tensor is None else decay_tensor, out_copy or None)

@@ -1,4 +1,4 @@
-"""SPEC §3 in plain torch: group-relative advantages, one score per response.
+"""docs/group_advantages.md in plain torch: group-relative advantages, one score per response.
 
 Groups are fixed (`group_size=G`: responses g*G .. g*G+G-1 form group g) or ragged (`group_index[i]` is the group
 of response i: any order, any sizes). Each kind, with mean_g / std_g / n_g over response i's group (std unbiased):
@@ -81,3 +81,9 @@ def group_advantages_ref(rewards: Tensor, group_size: int | None = None, group_i
     if mask is not None:
         adv = adv[:, None] * mask.to(out_dtype)
     return adv
+
+
+def group_advantages_kernel_ref(rewards: Tensor, group_index: Tensor | None, group_size: int, kind: str,
+                                scale: str, eps: float) -> Tensor:
+    """The reference backend's kernel of hotloop::group_advantages_fwd (group_size 0: ragged, by group_index)."""
+    return group_advantages_ref(rewards, group_size or None, group_index, kind, scale, eps)

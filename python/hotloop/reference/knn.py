@@ -1,4 +1,4 @@
-"""SPEC §8 in plain torch: brute-force k nearest neighbours (the spec of `hotloop.knn`, not a fast path).
+"""docs/knn.md in plain torch: brute-force k nearest neighbours (the spec of `hotloop.knn`, not a fast path).
 
 For queries q_i [Q, d] and keys x_j [M, d], each metric gives a score per pair and an order:
 

@@ -1,4 +1,4 @@
-"""SPEC §4 (PPO / GRPO-family policy loss) and §5 (NFT) in plain torch: the spec in code.
+"""docs/policy_loss.md (PPO / GRPO-family policy loss) and docs/nft_loss.md (NFT) in plain torch: the spec in code.
 
 Two levels, both readable:
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hotloop.contracts import (AGGS, IMPORTANCE, KL_KINDS, LOG_RATIO_CLAMP, NFT_LOG_RATIO_MAX,  # noqa: F401
+from hotloop.contracts import (AGGS, IMPORTANCE, KL_IDS, KL_KINDS, LOG_RATIO_CLAMP, NFT_LOG_RATIO_MAX,  # noqa: F401
                                NFT_METRICS, NFT_RQ_RANGE, POLICY_METRICS)
 
 
@@ -77,8 +77,18 @@ def policy_tokens_ref(lr: Tensor, kld: Tensor | None, adv: Tensor, m: Tensor, w:
     return torch.where(on, w * grad, 0.0), g_kl, sums
 
 
+
+def policy_tokens_kernel_ref(lr: Tensor, kld: Tensor | None, adv: Tensor, m: Tensor, w: Tensor, clip_low: float,
+                             clip_high: float, dual_clip: float, kl_kind: int, kl_coef: float
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """policy_tokens_ref with the kernels' kl_kind id (hotloop.contracts.KL_IDS): the reference backend's
+    kernel of hotloop::policy_tokens."""
+    kl = next(name for name, i in KL_IDS.items() if i == kl_kind)
+    return policy_tokens_ref(lr, kld, adv, m, w, clip_low, clip_high, dual_clip, kl, kl_coef)
+
+
 def _kl_terms(d: Tensor, kind: str) -> tuple[Tensor, Tensor]:
-    """(k, dk/dd) of SPEC §4's estimators of KL(policy || ref) from d = logp - ref_logp."""
+    """(k, dk/dd) of docs/policy_loss.md's estimators of KL(policy || ref) from d = logp - ref_logp."""
     if kind == "k1":
         return d, torch.ones_like(d)
     if kind == "k2":
@@ -129,7 +139,7 @@ def _rows(x: Tensor, cu_seqlens: Tensor | None) -> list[Tensor]:
 
 
 def _aggregate(loss: Tensor, mask: Tensor, cu_seqlens: Tensor | None, agg: str, max_length: int | None) -> Tensor:
-    """SPEC §4 aggregation of per-token losses (mask already a float weight; loss 0 where it is 0). Sequence means
+    """docs/policy_loss.md aggregation of per-token losses (mask already a float weight; loss 0 where it is 0). Sequence means
     divide by B, empty rows included (they add 0), as TRL, Liger and verl do; an all-empty mask gives 0."""
     per_row = [(lr * mr).sum() for lr, mr in zip(_rows(loss, cu_seqlens), _rows(mask, cu_seqlens))]
     lengths = [mr.sum() for mr in _rows(mask, cu_seqlens)]
@@ -182,7 +192,7 @@ def policy_loss_ref(logp: Tensor, old_logp: Tensor | None, advantages: Tensor, m
                     kl: str, kl_coef: float, clip_low: float, clip_high: float, dual_clip: float | None,
                     importance: str, agg: str, max_length: int | None, cu_seqlens: Tensor | None
                     ) -> tuple[Tensor, dict[str, Tensor]]:
-    """SPEC §4 written out: -> (loss [] differentiable w.r.t. logp, metrics of POLICY_METRICS, each [])."""
+    """docs/policy_loss.md written out: -> (loss [] differentiable w.r.t. logp, metrics of POLICY_METRICS, each [])."""
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     logp, m = logp.to(dt), mask.to(dt)
     old = logp.detach() if old_logp is None else old_logp.to(dt).detach()  # None: on-policy
@@ -230,7 +240,7 @@ def nft_group_rate(correct: Tensor, group_size: int | None, group_index: Tensor 
 
 
 def nft_prompt_weight(rate: Tensor, normalize: int) -> Tensor:
-    """SPEC §5 per-prompt weight: 0 -> 1, 1 -> (1 - r_q), 2 -> sqrt((1 - r_q) / r_q)."""
+    """docs/nft_loss.md per-prompt weight: 0 -> 1, 1 -> (1 - r_q), 2 -> sqrt((1 - r_q) / r_q)."""
     if normalize == 0:
         return torch.ones_like(rate)
     return 1.0 - rate if normalize == 1 else torch.sqrt((1.0 - rate) / rate)
@@ -239,7 +249,7 @@ def nft_prompt_weight(rate: Tensor, normalize: int) -> Tensor:
 def nft_loss_ref(logp: Tensor, old_logp: Tensor | None, correct: Tensor, mask: Tensor, group_size: int | None,
                  group_index: Tensor | None, clamp_negative: float, normalize: int, neg_weight: float, ratio: str,
                  agg: str, max_length: int | None, cu_seqlens: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
-    """SPEC §5 written out: -> (loss [] differentiable w.r.t. logp, metrics of NFT_METRICS, each [])."""
+    """docs/nft_loss.md written out: -> (loss [] differentiable w.r.t. logp, metrics of NFT_METRICS, each [])."""
     dt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     logp, m = logp.to(dt), mask.to(dt)
     old = logp.detach() if old_logp is None else old_logp.to(dt).detach()  # None: on-policy

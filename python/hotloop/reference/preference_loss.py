@@ -1,4 +1,4 @@
-"""SPEC §6 (DPO-family preference losses) and KTO in plain torch: the spec in code.
+"""docs/preference_loss.md (DPO-family preference losses) and KTO in plain torch: the spec in code.
 
 Two levels, both readable:
 
@@ -21,12 +21,12 @@ With h = s - s_ref, Δ = h_w - h_l, z = βΔ and sp(t) = softplus(t) = -logσ(-t
   apo_zero        1 - σ(βh_w) + σ(βh_l)
   apo_down        σ(βh_w) + 1 - σ(z)
   simpo           (1-ε) sp(-t) + ε sp(t),  t = β(s̄_w - s̄_l) - γ   (no reference; s̄ = s / len; CPOTrainer's
-                  label smoothing, ε = 0 is SPEC's -logσ(t))
+                  label smoothing, ε = 0 is the paper's -logσ(t))
   orpo            nll_w + β sp(-lo),  lo = (s̄_w - s̄_l) - (log1mexp(s̄_w) - log1mexp(s̄_l))
   cream           C sp(-z) + (1-C) sp(z)             (C = 1: DPO; C = 0: DPO on the swapped pair)
 
-Differences from TRL 1.16 (SPEC wins): TRL's DPO "sigmoid" ignores label_smoothing, here "sigmoid" and "cdpo" both
-apply it (SPEC §6's cDPO; with ε = 0 they are TRL's sigmoid). ORPO's NLL is per pair here (`chosen_nll` [B]; the
+Differences from TRL 1.16 (docs/preference_loss.md wins): TRL's DPO "sigmoid" ignores label_smoothing, here "sigmoid" and "cdpo" both
+apply it (docs/preference_loss.md's cDPO; with ε = 0 they are TRL's sigmoid). ORPO's NLL is per pair here (`chosen_nll` [B]; the
 mean over pairs is TRL's batch NLL when every pair has the same number of chosen tokens).
 Metrics (TRL's names): rewards/chosen = mean βh_w, rewards/rejected = mean βh_l, rewards/accuracies =
 mean[h_w > h_l], rewards/margins = mean β(h_w - h_l), logps/chosen, logps/rejected = means of the inputs. For
@@ -127,6 +127,14 @@ def preference_pairs_ref(x_w: Tensor, x_l: Tensor, r_w: Tensor, r_l: Tensor, len
     return loss, du * inv_w, dv * inv_l, g_nll
 
 
+def preference_pairs_kernel_ref(x_w: Tensor, x_l: Tensor, r_w: Tensor, r_l: Tensor, len_w: Tensor, len_l: Tensor,
+                                c: Tensor, nll: Tensor, kind: int, beta: float, label_smoothing: float, gamma: float
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """preference_pairs_ref with the kernels' kind id (hotloop.contracts.PREFERENCE_KIND_IDS): the reference
+    backend's kernel of hotloop::preference_pairs."""
+    return preference_pairs_ref(x_w, x_l, r_w, r_l, len_w, len_l, c, nll, KINDS[kind], beta, label_smoothing, gamma)
+
+
 def kto_items_ref(x: Tensor, r: Tensor, d: Tensor, kl: Tensor, beta: float, desirable_weight: float,
                   undesirable_weight: float) -> tuple[Tensor, Tensor]:
     """Kernel contract of KTO, [B] float tensors (d: 1.0 desirable, 0.0 undesirable) and kl [1] (already detached
@@ -173,7 +181,7 @@ def preference_loss_ref(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen
                         gamma: float, consistency: Tensor | None, chosen_lengths: Tensor | None,
                         rejected_lengths: Tensor | None, chosen_nll: Tensor | None
                         ) -> tuple[Tensor, dict[str, Tensor]]:
-    """SPEC §6 written out TRL's way, with autograd: -> (loss [], metrics of PREFERENCE_METRICS, each [])."""
+    """docs/preference_loss.md written out TRL's way, with autograd: -> (loss [], metrics of PREFERENCE_METRICS, each [])."""
     dt = compute_dtype(chosen_logps)
     sw, sl = chosen_logps.to(dt), rejected_logps.to(dt)
     rw = None if ref_chosen_logps is None else ref_chosen_logps.detach().to(dt)

@@ -1,4 +1,4 @@
-"""SPEC §1 in plain torch: per-token log-prob, entropy and self-certainty over the vocabulary.
+"""docs/token_stats.md in plain torch: per-token log-prob, entropy and self-certainty over the vocabulary.
 
 Memory: reads N·V logits and materialises several [N, V] float32 temporaries (log_softmax, probs): this
 is what the fused kernels avoid.
@@ -42,3 +42,28 @@ def token_stats_ref(logits: Tensor, labels: Tensor, temperature: float = 1.0, ig
         # KL(U || p) = -mean_v log p_v - log V
         sc = torch.where(valid, -logp_all.mean(-1) - math.log(V), zero)
     return logprobs, ent, sc
+
+
+# ------------------------------------------------------------------ the reference backend's kernels (contract)
+def token_stats_fwd_ref(logits: Tensor, labels: Tensor, temperature: float, ignore_index: int, entropy: bool,
+                        self_certainty: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The kernel contract of hotloop::token_stats_fwd: logits [B, T, V], labels [B, T] -> (logprobs, entropy or
+    [0], self_certainty or [0], lse), each [B, T] float32 (float64 for float64 logits)."""
+    lp, ent, sc = token_stats_ref(logits, labels, temperature, ignore_index, entropy, self_certainty)
+    acc = lp.dtype
+    lse = torch.logsumexp(logits.to(acc) / temperature, dim=-1)
+    none = logits.new_empty(0, dtype=acc)
+    return lp, none if ent is None else ent, none.clone() if sc is None else sc, lse
+
+
+def token_stats_bwd_ref(grad_logits: Tensor, grad_logprobs: Tensor | None, grad_entropy: Tensor | None,
+                        grad_self_certainty: Tensor | None, logits: Tensor, labels: Tensor, lse: Tensor,
+                        entropy: Tensor | None, temperature: float, ignore_index: int) -> None:
+    """The kernel contract of hotloop::token_stats_bwd: writes d loss / d logits into grad_logits (which may be
+    logits itself), by autograd through token_stats_ref."""
+    from hotloop.reference._grads import vjp
+
+    want_ent, want_sc = grad_entropy is not None, grad_self_certainty is not None
+    (d,) = vjp(lambda x: token_stats_ref(x, labels, temperature, ignore_index, want_ent, want_sc), [logits],
+               [grad_logprobs, grad_entropy, grad_self_certainty], [True])
+    grad_logits.copy_(d)
