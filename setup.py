@@ -13,7 +13,7 @@ wheels already depend on it; CPU-only installs do not need it).
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py as _build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -106,8 +106,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     package_dir={"hotloop": "python/hotloop", "hotloop.triton_kernels": "triton_kernels"},
-    packages=["hotloop", "hotloop.cpu", "hotloop.ops", "hotloop.reference", "hotloop.triton_kernels",
-              "hotloop.train", "hotloop.integrations"],
+    # every package under python/hotloop, found (a hand-kept list once left hotloop._internal out of the wheel)
+    packages=["hotloop", "hotloop.triton_kernels"]
+    + ["hotloop." + p for p in find_packages(os.path.join(ROOT, "python", "hotloop"))],
     ext_modules=[_extension()],
     cmdclass=_cmdclass(),
     install_requires=_install_requires(),

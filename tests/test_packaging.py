@@ -119,3 +119,18 @@ def test_import_loads_c_built_for_this_torch_release():
         print("LOADED")
     """)
     assert "LOADED" in out
+
+
+def test_build_py_ships_every_module(tmp_path):
+    """What setup.py puts in a wheel (build_py) holds every module of python/hotloop and triton_kernels/."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=root,
+                   check=True, capture_output=True, timeout=300)
+    for src, dst in (("python/hotloop", "hotloop"), ("triton_kernels", "hotloop/triton_kernels")):
+        base = os.path.join(root, src)
+        for dirpath, dirnames, files in os.walk(base):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            for f in files:
+                if f.endswith(".py") and f != "_build_info.py":
+                    rel = os.path.relpath(os.path.join(dirpath, f), base)
+                    assert os.path.exists(os.path.join(tmp_path, dst, rel)), f"{src}/{rel} is not packaged"
