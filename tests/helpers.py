@@ -61,3 +61,24 @@ def random_labels(shape, V, device, ignore_index=-100, frac_ignored=0.2, dtype=t
     labels = torch.randint(0, V, shape, dtype=dtype)
     labels[torch.rand(shape) < frac_ignored] = ignore_index
     return labels.to(device)
+
+
+def triton_interpreter_only(test):
+    """Marks a kernel-level Triton test on CPU tensors (the interpreter, which conftest.py turns on without a GPU):
+    skipped with a GPU, where the public-op tests run the same kernels on CUDA tensors, and without triton. Per
+    test, so the rest of its file runs either way."""
+    test = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")(test)
+    return pytest.mark.skipif(HAS_CUDA, reason="interpreter-only kernel tests (CPU tensors)")(test)
+
+
+class LazyModule:
+    """A module imported at its first attribute access, i.e. inside the test that uses it, never at collection: a
+    test whose module cannot be imported is skipped (pytest.importorskip), the other tests of its file still run."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):  # dunders and pytest's probes at collection (__test__, ...): no import
+            raise AttributeError(attr)
+        return getattr(pytest.importorskip(self._name), attr)

@@ -1,17 +1,34 @@
-"""policy_loss and nft_loss (docs/policy_loss.md, docs/nft_loss.md): every backend against float64, and parity with the formulas TRL and verl
-use for each loss type and aggregation (written here from the math, vectorised, independent of the looped
-reference in hotloop.reference.policy_loss).
+"""policy_loss and nft_loss (docs/policy_loss.md, docs/nft_loss.md): every test of the op, in sections.
+
+- Backends: every backend against float64 (hotloop.reference.policy_loss).
+- Reference: parity with the formulas TRL and verl use for each loss type and aggregation (written here from the
+  math, vectorised, independent of the looped reference in hotloop.reference.policy_loss).
+- CPU kernels: the C++ per-token loss contracts (hotloop._C.cpu.policy_tokens / nft_tokens) against
+  policy_tokens_ref / nft_tokens_ref in float64 on the same inputs, hard cases planted in.
+- Errors: bad input is rejected with an error that names the argument.
+- Compile: torch.compile(fullgraph=True).
+- Triton kernels: policy_tokens_triton / nft_tokens_triton on CPU tensors (the Triton interpreter) against the same
+  contracts. Skipped with a GPU and without triton; the rest of the file runs either way.
 """
 import math
+import zlib
 
 import pytest
 import torch
 
 import hotloop
-from hotloop.reference.policy_loss import nft_loss_ref, policy_loss_ref
+from hotloop.contracts import KL_IDS
+from hotloop.reference.policy_loss import nft_loss_ref, nft_tokens_ref, policy_loss_ref, policy_tokens_ref
 
-from helpers import BACKENDS, device_for, interpreted, rel_err
+from helpers import BACKENDS, LazyModule, device_for, interpreted, rel_err, triton_interpreter_only
 
+# imported inside the Triton kernel tests, never at collection (no triton: those tests skip, the others run)
+pl = LazyModule("hotloop.triton_kernels.policy_loss")
+
+
+# =====================================================================================================================
+# backends: every backend against float64
+# =====================================================================================================================
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "dr_grpo"]
 
 
@@ -126,70 +143,6 @@ def test_policy_loss_on_policy_none_old(backend):
     assert abs(metrics["ratio_mean"].item() - 1.0) < 1e-6
 
 
-# ------------------------------------------------------------------------- parity with TRL's / verl's formulas
-def _trl_grpo_loss(logp, old, adv, mask, ref, beta, eps_low, eps_high, loss_type, max_len, level="token"):
-    """TRL GRPOTrainer._compute_loss, from its formulas: coef = exp(log ratio), -min(coef A, clip(coef) A) + β k3."""
-    m = mask.to(logp.dtype)
-    log_ratio = logp - old
-    if level == "sequence":
-        log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None]
-    coef1 = torch.exp(log_ratio)
-    coef2 = coef1.clamp(1 - eps_low, 1 + eps_high)
-    ptl = -torch.min(coef1 * adv[:, None], coef2 * adv[:, None])
-    if beta:
-        ptl = ptl + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
-    if loss_type == "grpo":
-        return ((ptl * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "bnpo":
-        return (ptl * m).sum() / m.sum().clamp(min=1.0)
-    return (ptl * m).sum() / (logp.shape[0] * max_len)  # dr_grpo
-
-
-def _verl_loss(logp, old, adv, mask, clip_low, clip_high, clip_c, agg):
-    """verl compute_policy_loss (vanilla, dual clip) + agg_loss, from their formulas."""
-    m = mask.to(logp.dtype)
-    ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
-    A = adv[:, None].expand_as(logp)
-    l1 = -A * ratio
-    l2 = -A * ratio.clamp(1 - clip_low, 1 + clip_high)
-    clipped = torch.maximum(l1, l2)
-    l3 = -A * clip_c
-    pg = torch.where(A < 0, torch.min(l3, clipped), clipped)
-    if agg == "token-mean":
-        return (pg * m).sum() / m.sum()
-    if agg == "seq-mean-token-sum":
-        return (pg * m).sum(-1).mean()
-    if agg == "seq-mean-token-mean":
-        return ((pg * m).sum(-1) / m.sum(-1)).mean()
-    return ((pg * m).sum(-1) / logp.shape[1]).mean()  # seq-mean-token-sum-norm (loss_scale_factor = T)
-
-
-@pytest.mark.parametrize("loss_type,agg", [("grpo", "seq-mean-token-mean"), ("bnpo", "token-mean"),
-                                           ("dr_grpo", "dr_grpo")])
-@pytest.mark.parametrize("level", ["token", "sequence"])
-def test_parity_trl(loss_type, agg, level):
-    logp, old, ref, adv, mask = _batch(6, 20, "cpu", dtype=torch.float64, spread=0.4, empty_row=True)
-    x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
-    ours, _ = hotloop.policy_loss(x, old, adv, mask, ref_logp=ref, kl_coef=0.04, clip_high=0.28, agg=agg,
-                                  importance=level, max_length=24)
-    trl = _trl_grpo_loss(y, old, adv, mask, ref, 0.04, 0.2, 0.28, loss_type, 24, level)
-    assert rel_err(ours.detach(), trl.detach()) < 1e-12
-    assert rel_err(torch.autograd.grad(ours, x)[0], torch.autograd.grad(trl, y)[0]) < 1e-12
-
-
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_parity_verl_dual_clip(agg):
-    logp, old, _, adv, mask = _batch(6, 20, "cpu", dtype=torch.float64, spread=1.0)
-    adv[0], old[0, 0] = -1.0, logp[0, 0] - 2.0  # at least one token in the dual-clip region (A < 0, ratio e^2)
-    x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
-    ours, metrics = hotloop.policy_loss(x, old, adv, mask, dual_clip=3.0, agg=agg)
-    verl = _verl_loss(y, old, adv, mask, 0.2, 0.2, 3.0, agg)
-    assert rel_err(ours.detach(), verl.detach()) < 1e-12
-    assert rel_err(torch.autograd.grad(ours, x)[0], torch.autograd.grad(verl, y)[0]) < 1e-12
-    assert metrics["clip_frac_dual"] > 0
-
-
-# ---------------------------------------------------------------------------------------------------------- NFT
 def _nft_inputs(B, G, T, dev, dtype=torch.float32):
     logp, old, _, _, mask = _batch(B, T, dev, dtype=dtype, spread=0.5)
     correct = torch.rand(B) > 0.5
@@ -252,7 +205,278 @@ def test_nft_neg_weight_zero_is_rft(backend):
     assert torch.all(g[~correct.bool()] == 0) and g[correct.bool()].abs().sum() > 0
 
 
-# ------------------------------------------------------------------------------------------------- bad inputs
+def test_single_response_and_integer_mask(backend):
+    """B = 1 (broadcasts stay contiguous for the kernels) and TRL's int64 completion mask."""
+    dev = device_for(backend)
+    logp, old, ref, adv, mask = _batch(1, 7, dev)
+    x = logp.clone().requires_grad_()
+    for m in (mask, mask.long()):
+        a, _ = hotloop.policy_loss(x, old, adv, m, importance="sequence")
+        b, _ = hotloop.nft_loss(x, old, torch.tensor([1], device=dev), m, group_size=1)
+        assert torch.isfinite(a) and torch.isfinite(b)
+        assert torch.isfinite(torch.autograd.grad(a + b, x)[0]).all()
+
+
+def test_low_precision_logp_with_a_loss_scale():
+    """fp16 log-probs under GradScaler's 65536: the scale multiplies in float32, then one rounding to fp16."""
+    logp, old, _, adv, mask = _batch(4, 30, "cpu")
+    x16, x32 = logp.half().requires_grad_(), logp.half().float().requires_grad_()
+    loss16, _ = hotloop.policy_loss(x16, old, adv, mask)
+    loss32, _ = hotloop.policy_loss(x32, old, adv, mask)
+    (loss16 * 65536.0).backward(), (loss32 * 65536.0).backward()
+    assert torch.isfinite(x16.grad).all()
+    assert rel_err(x16.grad.float(), x32.grad) < 1e-3
+
+
+# =====================================================================================================================
+# reference: parity with TRL's / verl's formulas
+# =====================================================================================================================
+def _trl_grpo_loss(logp, old, adv, mask, ref, beta, eps_low, eps_high, loss_type, max_len, level="token"):
+    """TRL GRPOTrainer._compute_loss, from its formulas: coef = exp(log ratio), -min(coef A, clip(coef) A) + β k3."""
+    m = mask.to(logp.dtype)
+    log_ratio = logp - old
+    if level == "sequence":
+        log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None]
+    coef1 = torch.exp(log_ratio)
+    coef2 = coef1.clamp(1 - eps_low, 1 + eps_high)
+    ptl = -torch.min(coef1 * adv[:, None], coef2 * adv[:, None])
+    if beta:
+        ptl = ptl + beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+    if loss_type == "grpo":
+        return ((ptl * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return (ptl * m).sum() / m.sum().clamp(min=1.0)
+    return (ptl * m).sum() / (logp.shape[0] * max_len)  # dr_grpo
+
+
+def _verl_loss(logp, old, adv, mask, clip_low, clip_high, clip_c, agg):
+    """verl compute_policy_loss (vanilla, dual clip) + agg_loss, from their formulas."""
+    m = mask.to(logp.dtype)
+    ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
+    A = adv[:, None].expand_as(logp)
+    l1 = -A * ratio
+    l2 = -A * ratio.clamp(1 - clip_low, 1 + clip_high)
+    clipped = torch.maximum(l1, l2)
+    l3 = -A * clip_c
+    pg = torch.where(A < 0, torch.min(l3, clipped), clipped)
+    if agg == "token-mean":
+        return (pg * m).sum() / m.sum()
+    if agg == "seq-mean-token-sum":
+        return (pg * m).sum(-1).mean()
+    if agg == "seq-mean-token-mean":
+        return ((pg * m).sum(-1) / m.sum(-1)).mean()
+    return ((pg * m).sum(-1) / logp.shape[1]).mean()  # seq-mean-token-sum-norm (loss_scale_factor = T)
+
+
+@pytest.mark.parametrize("loss_type,agg", [("grpo", "seq-mean-token-mean"), ("bnpo", "token-mean"),
+                                           ("dr_grpo", "dr_grpo")])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_parity_trl(loss_type, agg, level):
+    logp, old, ref, adv, mask = _batch(6, 20, "cpu", dtype=torch.float64, spread=0.4, empty_row=True)
+    x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    ours, _ = hotloop.policy_loss(x, old, adv, mask, ref_logp=ref, kl_coef=0.04, clip_high=0.28, agg=agg,
+                                  importance=level, max_length=24)
+    trl = _trl_grpo_loss(y, old, adv, mask, ref, 0.04, 0.2, 0.28, loss_type, 24, level)
+    assert rel_err(ours.detach(), trl.detach()) < 1e-12
+    assert rel_err(torch.autograd.grad(ours, x)[0], torch.autograd.grad(trl, y)[0]) < 1e-12
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_parity_verl_dual_clip(agg):
+    logp, old, _, adv, mask = _batch(6, 20, "cpu", dtype=torch.float64, spread=1.0)
+    adv[0], old[0, 0] = -1.0, logp[0, 0] - 2.0  # at least one token in the dual-clip region (A < 0, ratio e^2)
+    x, y = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+    ours, metrics = hotloop.policy_loss(x, old, adv, mask, dual_clip=3.0, agg=agg)
+    verl = _verl_loss(y, old, adv, mask, 0.2, 0.2, 3.0, agg)
+    assert rel_err(ours.detach(), verl.detach()) < 1e-12
+    assert rel_err(torch.autograd.grad(ours, x)[0], torch.autograd.grad(verl, y)[0]) < 1e-12
+    assert metrics["clip_frac_dual"] > 0
+
+
+# =====================================================================================================================
+# CPU kernels: hotloop._C.cpu.policy_tokens / nft_tokens against their float64 contracts
+# Inputs are random per test (seeded from the test's parameters) with the hard cases planted in: log-ratios
+# beyond +-20 (policy) or 10 (NFT) and exactly on those clamp edges, rho exactly on a clip edge, and NaN / inf
+# inputs on masked tokens, which must not reach any output.
+# =====================================================================================================================
+CPU_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+CPU_SIZES = [1, 7, 5000, 70000]
+DTYPES = [torch.float32, torch.float64]
+KL_KINDS = {None: 0, "k1": 1, "k2": 2, "k3": 3}
+CLIPS = [(0.2, 0.2), (0.2, 0.28), (0.0, 0.0)]  # (0, 0): lr = 0 puts rho exactly on both clip edges
+POISON = [math.nan, math.inf, -math.inf]
+
+
+def _gen(*params) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(params).encode()))
+
+
+def _plant(x: torch.Tensor, values, g: torch.Generator) -> torch.Tensor:
+    """Write `values` at random distinct positions of x (as many as fit); returns the positions."""
+    pos = torch.randperm(x.numel(), generator=g)[:len(values)]
+    x[pos] = torch.tensor(values[:pos.numel()], dtype=x.dtype)
+    return pos
+
+
+def _mask_and_weight(N: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mostly 0/1 mask with some fractional metric weights; loss weight 0 wherever the mask is."""
+    u = torch.rand(N, generator=g, dtype=torch.float64)
+    m = torch.where(u < 0.25, 0.0, torch.where(u < 0.35, 0.5, 1.0))
+    if N > 0:
+        m[0] = 1.0  # at least one live token
+    w = m * torch.rand(N, generator=g, dtype=torch.float64) / max(N, 1) ** 0.5
+    return m, w
+
+
+def _poison_masked(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> None:
+    off = torch.nonzero(m == 0).flatten()
+    x[off] = torch.tensor(POISON, dtype=x.dtype)[torch.randint(0, len(POISON), (off.numel(),), generator=g)]
+
+
+def _policy_inputs(N, kl, g):
+    m, w = _mask_and_weight(N, g)
+    lr = torch.randn(N, generator=g, dtype=torch.float64) * 0.3
+    pos = _plant(lr, [0.0] * 20, g)  # rho = 1: live, on the clip edges when a clip is 0
+    m[pos], w[pos] = 1.0, 1.0 / max(N, 1) ** 0.5
+    kld = torch.randn(N, generator=g, dtype=torch.float64) * 2.0
+    # edges and beyond, on live tokens with a tiny weight so that rho up to e^20 does not drown the other tokens
+    tiny = 2.0**-30
+    for x, edges in ((lr, [20.0, -20.0, 20.5, -20.5, 35.0, -300.0]), (kld, [20.0, -20.0, 21.0, -21.0])):
+        pos = _plant(x, edges, g)
+        m[pos], w[pos] = tiny, tiny
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    for x in (lr, kld, adv):
+        _poison_masked(x, m, g)
+    return lr, (kld if kl is not None else None), adv, m, w
+
+
+def _cpu_nft_inputs(N, g):
+    m, w = _mask_and_weight(N, g)
+    lr = torch.randn(N, generator=g, dtype=torch.float64) * 0.5
+    pos = _plant(lr, [10.0, 10.0, 10.5, 12.0, 25.0, 0.0, -40.0], g)
+    m[pos], w[pos] = 2.0**-18, 2.0**-18  # live, weighted so that R up to e^10 does not drown the other tokens
+    r = 0.02 + 0.96 * torch.rand(N, generator=g, dtype=torch.float64)
+    c = (torch.rand(N, generator=g) < 0.5).double()
+    _poison_masked(lr, m, g)
+    return lr, m, w, r, c
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype, m: torch.Tensor | None = None):
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    if m is not None:
+        assert (out[m == 0] == 0).all()
+    assert rel_err(out, ref) < CPU_TOL[dtype]
+
+
+def _policy(lr, kld, adv, m, w, dtype, clip_low, clip_high, dual_clip, kl, kl_coef):
+    cast = [None if t is None else t.to(dtype) for t in (lr, kld, adv, m, w)]
+    return hotloop._C.cpu.policy_tokens(*cast, clip_low, clip_high, dual_clip, KL_KINDS[kl], kl_coef)
+
+
+@pytest.mark.parametrize("clips", CLIPS)
+@pytest.mark.parametrize("dual_clip", [0.0, 3.0])
+@pytest.mark.parametrize("kl", list(KL_KINDS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", CPU_SIZES)
+def test_cpu_kernel_policy_tokens_match_reference(N, dtype, kl, dual_clip, clips):
+    lr, kld, adv, m, w = _policy_inputs(N, kl, _gen("policy", N, str(dtype), kl, dual_clip, clips))
+    # the reference sees exactly the kernel's inputs, in float64
+    lr, kld, adv, m, w = [None if t is None else t.to(dtype).double() for t in (lr, kld, adv, m, w)]
+    args = (*clips, dual_clip, kl, 0.1)
+    g_lr, g_kl, sums = _policy(lr, kld, adv, m, w, dtype, *args)
+    ref_g_lr, ref_g_kl, ref_sums = policy_tokens_ref(lr, kld, adv, m, w, *args)
+    _check(g_lr, ref_g_lr, dtype, m)
+    _check(g_kl, ref_g_kl, dtype, m if kl is not None else None)
+    _check(sums, ref_sums, dtype)
+
+
+@pytest.mark.parametrize("clamp_negative", [1.0, 0.1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", CPU_SIZES)
+def test_cpu_kernel_nft_tokens_match_reference(N, dtype, clamp_negative):
+    lr, m, w, r, c = _cpu_nft_inputs(N, _gen("nft", N, str(dtype), clamp_negative))
+    lr, m, w, r, c = [t.to(dtype).double() for t in (lr, m, w, r, c)]
+    g_lr, sums = hotloop._C.cpu.nft_tokens(*[t.to(dtype) for t in (lr, m, w, r, c)], clamp_negative)
+    ref_g_lr, ref_sums = nft_tokens_ref(lr, m, w, r, c, clamp_negative)
+    _check(g_lr, ref_g_lr, dtype, m)
+    _check(sums, ref_sums, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cpu_kernel_empty(dtype):
+    e = torch.empty(0, dtype=dtype)
+    g_lr, g_kl, sums = hotloop._C.cpu.policy_tokens(e, e, e, e, e, 0.2, 0.2, 3.0, 3, 0.1)
+    assert g_lr.shape == (0,) and g_kl.shape == (0,) and torch.equal(sums, torch.zeros(6, dtype=dtype))
+    g_lr, sums = hotloop._C.cpu.nft_tokens(e, e, e, e, e, 1.0)
+    assert g_lr.shape == (0,) and torch.equal(sums, torch.zeros(3, dtype=dtype))
+
+
+def test_cpu_kernel_deterministic_across_thread_counts():
+    """Sums come from fixed token blocks added in order: bit-identical with 1 and 2 threads."""
+    N = 70000
+    lr, kld, adv, m, w = _policy_inputs(N, "k3", _gen("determinism"))
+    nft = [t.float() for t in _cpu_nft_inputs(N, _gen("determinism-nft"))]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append((_policy(lr, kld, adv, m, w, torch.float32, 0.2, 0.28, 3.0, "k3", 0.1),
+                            hotloop._C.cpu.nft_tokens(*nft, 0.1)))
+    finally:
+        torch.set_num_threads(threads)
+    (p1, n1), (p2, n2) = results
+    for a, b in zip(p1 + n1, p2 + n2):
+        assert torch.equal(a, b)
+
+
+def _good_policy_args(N=8, dtype=torch.float32):
+    x = torch.zeros(N, dtype=dtype)
+    return [x, x.clone(), x.clone(), torch.ones(N, dtype=dtype), x.clone(), 0.2, 0.2, 0.0, 3, 0.1]
+
+
+@pytest.mark.parametrize("index, bad, error, match", [
+    (0, torch.zeros(8, dtype=torch.float16), TypeError, "`lr` must be float32 or float64"),
+    (0, torch.zeros(8, dtype=torch.int64), TypeError, "`lr` must be float32 or float64"),
+    (2, torch.zeros(8, dtype=torch.float64), TypeError, "`adv` must be"),
+    (3, torch.zeros(9), ValueError, r"`m` must be \[N\] = \[8\]"),
+    (4, torch.zeros(2, 4), ValueError, r"`w` must be \[N\]"),
+    (0, torch.zeros(16)[::2], ValueError, "`lr` must be contiguous"),
+    (1, torch.zeros(16)[::2], ValueError, "`kld` must be contiguous"),
+    (1, None, ValueError, "`kld` must be given exactly when kl_kind != 0"),
+    (8, 4, ValueError, "`kl_kind` must be"),
+])
+def test_cpu_kernel_policy_bad_inputs(index, bad, error, match):
+    args = _good_policy_args()
+    args[index] = bad
+    with pytest.raises(error, match=match):
+        hotloop._C.cpu.policy_tokens(*args)
+
+
+def test_cpu_kernel_policy_kld_given_without_kl():
+    args = _good_policy_args()
+    args[8] = 0
+    with pytest.raises(ValueError, match="`kld` must be given exactly when kl_kind != 0"):
+        hotloop._C.cpu.policy_tokens(*args)
+
+
+@pytest.mark.parametrize("index, bad, error, match", [
+    (0, torch.zeros(8, dtype=torch.bfloat16), TypeError, "`lr` must be float32 or float64"),
+    (4, torch.zeros(8, dtype=torch.float64), TypeError, "`c` must be"),
+    (3, torch.zeros(7), ValueError, r"`r` must be \[N\] = \[8\]"),
+    (2, torch.zeros(16)[::2], ValueError, "`w` must be contiguous"),
+])
+def test_cpu_kernel_nft_bad_inputs(index, bad, error, match):
+    args = [torch.zeros(8) for _ in range(5)] + [1.0]
+    args[index] = bad
+    with pytest.raises(error, match=match):
+        hotloop._C.cpu.nft_tokens(*args)
+
+
+# =====================================================================================================================
+# errors: bad input is rejected with an error that names the argument
+# =====================================================================================================================
 def _good(dev="cpu"):
     logp, old, ref, adv, mask = _batch(2, 5, dev)
     return dict(logp=logp, old_logp=old, advantages=adv, mask=mask, ref_logp=ref)
@@ -303,6 +527,9 @@ def test_nft_errors(change, words):
     assert words in str(info.value)
 
 
+# =====================================================================================================================
+# compile
+# =====================================================================================================================
 def test_policy_loss_compiles():
     logp, old, ref, adv, mask = _batch(4, 16, "cpu")
     f = torch.compile(lambda x: hotloop.policy_loss(x, old, adv, mask, ref_logp=ref, kl_coef=0.1,
@@ -316,24 +543,257 @@ def test_policy_loss_compiles():
     assert math.isfinite(a.item())
 
 
-def test_single_response_and_integer_mask(backend):
-    """B = 1 (broadcasts stay contiguous for the kernels) and TRL's int64 completion mask."""
-    dev = device_for(backend)
-    logp, old, ref, adv, mask = _batch(1, 7, dev)
-    x = logp.clone().requires_grad_()
-    for m in (mask, mask.long()):
-        a, _ = hotloop.policy_loss(x, old, adv, m, importance="sequence")
-        b, _ = hotloop.nft_loss(x, old, torch.tensor([1], device=dev), m, group_size=1)
-        assert torch.isfinite(a) and torch.isfinite(b)
-        assert torch.isfinite(torch.autograd.grad(a + b, x)[0]).all()
+# =====================================================================================================================
+# Triton kernels: policy_tokens_triton / nft_tokens_triton on CPU tensors (the interpreter)
+# Compared with their contracts, policy_tokens_ref / nft_tokens_ref, evaluated in float64 on the same float32
+# inputs, by relative norm error. Masked tokens hold NaN / inf in every per-token input, so any leak of padding
+# into a gradient or a sum shows up. Sizes: 1, 37 (one partial block) and 3000 (three programs, the last
+# partial). conftest.py sets TRITON_INTERPRET=1 when there is no GPU; with one (or without triton) these
+# CPU-tensor cases cannot run and are skipped (triton_kernel_test).
+# =====================================================================================================================
 
 
-def test_low_precision_logp_with_a_loss_scale():
-    """fp16 log-probs under GradScaler's 65536: the scale multiplies in float32, then one rounding to fp16."""
-    logp, old, _, adv, mask = _batch(4, 30, "cpu")
-    x16, x32 = logp.half().requires_grad_(), logp.half().float().requires_grad_()
-    loss16, _ = hotloop.policy_loss(x16, old, adv, mask)
-    loss32, _ = hotloop.policy_loss(x32, old, adv, mask)
-    (loss16 * 65536.0).backward(), (loss32 * 65536.0).backward()
-    assert torch.isfinite(x16.grad).all()
-    assert rel_err(x16.grad.float(), x32.grad) < 1e-3
+def triton_kernel_test(test):
+    """triton_interpreter_only, and: the poisoned padding makes NaN / inf in the kernels' masked lanes (selected
+    away), which numpy reports."""
+    test = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")(test)
+    return triton_interpreter_only(test)
+
+
+TRITON_TOL = 1e-5
+TRITON_SIZES = [1, 37, 3000]
+KLS = [None, "k1", "k2", "k3"]
+CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # asymmetric, as in DAPO's clip-higher
+DUAL_CLIP = 3.0
+KL_COEF = 0.05
+POLICY_NONNEG_SUMS = (1, 2, 3, 4)  # clip counts and the ratio sum: no cancellation, so each is checked alone
+NFT_NONNEG_SUMS = (1, 2)
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the test's id: fresh inputs in every test, the same ones on every run."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def make_mask(N, gen):
+    """Metric weights in [0.5, 1.5), a quarter of them 0 (at least one of each kind when N > 1)."""
+    keep = torch.rand(N, generator=gen) > 0.25
+    if N > 1:
+        keep[:2] = torch.tensor([False, True])
+    return torch.where(keep, 0.5 + torch.rand(N, generator=gen), 0.0)
+
+
+def poison_padding(m, gen, *tensors):
+    """NaN, +inf or -inf where m == 0 in each tensor: a masked token must contribute nothing, whatever it holds."""
+    pad = m == 0
+    for t in tensors:
+        bad = torch.tensor([float("nan"), float("inf"), float("-inf")])
+        t[pad] = bad[torch.randint(0, 3, (int(pad.sum()),), generator=gen)]
+
+
+def policy_inputs(N, kl, gen, lr_scale=0.3):
+    """(lr, kld, adv, m, w): ratios around the clip range, padding poisoned; kld None when kl is None."""
+    m = make_mask(N, gen)
+    lr = torch.randn(N, generator=gen) * lr_scale
+    kld = torch.randn(N, generator=gen)
+    adv = torch.randn(N, generator=gen)
+    w = torch.where(m != 0, torch.rand(N, generator=gen), 0.0)
+    poison_padding(m, gen, lr, kld, adv, w)
+    return lr, kld if kl else None, adv, m, w
+
+
+def policy_both(lr, kld, adv, m, w, kl, clip_low=CLIP_LOW, clip_high=CLIP_HIGH, dual_clip=0.0):
+    """(Triton outputs, float64 reference outputs) on the same inputs."""
+    out = pl.policy_tokens_triton(lr, kld, adv, m, w, clip_low, clip_high, dual_clip, KL_IDS[kl], KL_COEF)
+    ref = policy_tokens_ref(*(None if t is None else t.double() for t in (lr, kld, adv, m, w)), clip_low,
+                            clip_high, dual_clip, kl, KL_COEF)
+    return out, ref
+
+
+def nft_inputs(N, gen, lr_scale=1.0):
+    """(lr, m, w, r, c): c in {0, 1}, r in (0.02, 0.98), ratios on both sides of every clamp; padding poisoned."""
+    m = make_mask(N, gen)
+    lr = torch.randn(N, generator=gen) * lr_scale
+    w = torch.where(m != 0, torch.rand(N, generator=gen), 0.0)
+    r = 0.02 + 0.96 * torch.rand(N, generator=gen)
+    c = (torch.rand(N, generator=gen) < 0.5).float()
+    poison_padding(m, gen, lr, w, r, c)
+    return lr, m, w, r, c
+
+
+def nft_both(lr, m, w, r, c, clamp_negative):
+    out = pl.nft_tokens_triton(lr, m, w, r, c, clamp_negative)
+    ref = nft_tokens_ref(*(t.double() for t in (lr, m, w, r, c)), clamp_negative)
+    return out, ref
+
+
+def assert_grad(out, ref, N):
+    assert out.shape == (N,) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()  # every element written (poisoned NaN otherwise), no padding leaked
+    assert rel_err(out, ref) < TRITON_TOL, rel_err(out, ref)
+
+
+def assert_sums(out, ref, nonneg):
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TRITON_TOL, rel_err(out, ref)
+    for j in nonneg:
+        assert rel_err(out[j], ref[j]) < TRITON_TOL, (j, out[j].item(), ref[j].item())
+
+
+def assert_each_close(out, ref):
+    """Every element within TOL of its own reference (exactly 0 where the reference is): for inputs whose
+    outputs span many orders of magnitude, where a norm would only see the largest."""
+    err = (out.double() - ref).abs()
+    assert (err <= TRITON_TOL * ref.abs()).all(), (out, ref)
+
+
+# -------------------------------------------------------------------------------------------------- policy loss
+@triton_kernel_test
+@pytest.mark.parametrize("dual_clip", [0.0, DUAL_CLIP], ids=["no_dual", "dual"])
+@pytest.mark.parametrize("kl", KLS, ids=str)
+@pytest.mark.parametrize("N", TRITON_SIZES)
+def test_triton_policy_matches_ref(gen, N, kl, dual_clip):
+    inputs = policy_inputs(N, kl, gen)
+    (g_lr, g_kl, sums), (r_lr, r_kl, r_sums) = policy_both(*inputs, kl, dual_clip=dual_clip)
+    assert_grad(g_lr, r_lr, N)
+    if kl is None:
+        assert g_kl.shape == (0,)
+    else:
+        assert_grad(g_kl, r_kl, N)
+    assert_sums(sums, r_sums, POLICY_NONNEG_SUMS)
+
+
+@triton_kernel_test
+@pytest.mark.parametrize("dual_clip", [0.0, DUAL_CLIP], ids=["no_dual", "dual"])
+def test_triton_policy_clamp_edges(gen, dual_clip):
+    # lr and d on and just past +-20, the closed ends of the clamps (gradient on at 20, off at 20.5), both signs
+    # of the advantage; k3 reads d, where the clamp of -d is what matters
+    edges = torch.tensor([-30.0, -20.5, -20.0, -19.5, -1.0, 1.0, 19.5, 20.0, 20.5, 30.0])
+    n = edges.numel()
+    lr = edges.repeat(2)
+    kld = edges.flip(0).repeat(2)
+    adv = torch.cat([torch.full((n,), 0.7), torch.full((n,), -0.7)])
+    m = torch.ones(2 * n)
+    w = 0.5 + torch.rand(2 * n, generator=gen)
+    (g_lr, g_kl, sums), (r_lr, r_kl, r_sums) = policy_both(lr, kld, adv, m, w, "k3", dual_clip=dual_clip)
+    assert_each_close(g_lr, r_lr)
+    assert_each_close(g_kl, r_kl)
+    assert_each_close(sums, r_sums)
+
+
+@triton_kernel_test
+def test_triton_policy_ratio_on_clip_bounds(gen):
+    # lr = 0 gives rho = 1 exactly; with no clip room that is both bounds: neither clip count may fire, and the
+    # gradient stays -w * adv (the closed range)
+    N = 37
+    _, _, adv, m, w = policy_inputs(N, None, gen)
+    lr = torch.where(m != 0, 0.0, float("nan"))
+    (g_lr, _, sums), (r_lr, _, r_sums) = policy_both(lr, None, adv, m, w, None, clip_low=0.0, clip_high=0.0)
+    assert sums[1] == 0 and sums[2] == 0
+    assert_grad(g_lr, r_lr, N)
+    assert torch.equal(g_lr, torch.where(m != 0, -w * adv, 0.0))
+    assert_sums(sums, r_sums, POLICY_NONNEG_SUMS)
+
+
+@triton_kernel_test
+@pytest.mark.parametrize("kl", KLS, ids=str)
+def test_triton_policy_all_masked(gen, kl):
+    N = 37
+    lr, kld, adv, m, w = policy_inputs(N, kl, gen)
+    m.zero_()
+    poison_padding(m, gen, *(t for t in (lr, kld, adv, w) if t is not None))
+    g_lr, g_kl, sums = pl.policy_tokens_triton(lr, kld, adv, m, w, CLIP_LOW, CLIP_HIGH, DUAL_CLIP,
+                                               KL_IDS[kl], KL_COEF)
+    assert torch.equal(g_lr, torch.zeros(N)) and torch.equal(sums, torch.zeros(6))
+    assert torch.equal(g_kl, torch.zeros(N if kl else 0))
+
+
+@triton_kernel_test
+def test_triton_policy_deterministic(gen):
+    # no atomics: a second launch gives the same bits, sums included
+    inputs = policy_inputs(3000, "k3", gen)
+    first = pl.policy_tokens_triton(*inputs, CLIP_LOW, CLIP_HIGH, DUAL_CLIP, 3, KL_COEF)
+    second = pl.policy_tokens_triton(*inputs, CLIP_LOW, CLIP_HIGH, DUAL_CLIP, 3, KL_COEF)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@triton_kernel_test
+@pytest.mark.parametrize("kl_kind", [0, 3])
+def test_triton_policy_empty(kl_kind):
+    e = torch.empty(0)
+    g_lr, g_kl, sums = pl.policy_tokens_triton(e, e if kl_kind else None, e, e, e, CLIP_LOW, CLIP_HIGH, 0.0,
+                                               kl_kind, KL_COEF)
+    assert g_lr.shape == (0,) and g_kl.shape == (0,)
+    assert torch.equal(sums, torch.zeros(6))
+
+
+@triton_kernel_test
+def test_triton_policy_bad_arguments():
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match="kl_kind must be one of"):
+        pl.policy_tokens_triton(x, x, x, x, x, CLIP_LOW, CLIP_HIGH, 0.0, 4, KL_COEF)
+    with pytest.raises(ValueError, match="kld must be given"):
+        pl.policy_tokens_triton(x, None, x, x, x, CLIP_LOW, CLIP_HIGH, 0.0, 1, KL_COEF)
+    with pytest.raises(ValueError, match="kld must be given"):
+        pl.policy_tokens_triton(x, x, x, x, x, CLIP_LOW, CLIP_HIGH, 0.0, 0, KL_COEF)
+    with pytest.raises(ValueError, match="adv must be a contiguous float32"):
+        pl.policy_tokens_triton(x, None, x.double(), x, x, CLIP_LOW, CLIP_HIGH, 0.0, 0, KL_COEF)
+    with pytest.raises(ValueError, match="w must be a contiguous float32"):
+        pl.policy_tokens_triton(x, None, x, x, x[:7], CLIP_LOW, CLIP_HIGH, 0.0, 0, KL_COEF)
+    with pytest.raises(ValueError, match="kld must be a contiguous float32"):
+        pl.policy_tokens_triton(x, torch.zeros(16)[::2], x, x, x, CLIP_LOW, CLIP_HIGH, 0.0, 2, KL_COEF)
+
+
+# ---------------------------------------------------------------------------------------------------------- NFT
+@triton_kernel_test
+@pytest.mark.parametrize("clamp_negative", [1.0, 0.1])
+@pytest.mark.parametrize("N", TRITON_SIZES)
+def test_triton_nft_matches_ref(gen, N, clamp_negative):
+    inputs = nft_inputs(N, gen)
+    (g_lr, sums), (r_lr, r_sums) = nft_both(*inputs, clamp_negative)
+    assert_grad(g_lr, r_lr, N)
+    assert_sums(sums, r_sums, NFT_NONNEG_SUMS)
+
+
+@triton_kernel_test
+@pytest.mark.parametrize("clamp_negative", [1.0, 0.1])
+def test_triton_nft_clamp_edges(gen, clamp_negative):
+    # lr on and past 10 (gradient on at 10, off beyond), lr = 0 where x = 1 exactly (on the clamp for 1.0:
+    # not counted as clamped), and ratios deep on either side; each for a correct and an incorrect response
+    edges = torch.tensor([-30.0, -1.0, 0.0, 0.5, 9.5, 10.0, 10.5, 12.0, 30.0])
+    n = edges.numel()
+    lr = edges.repeat(2)
+    c = torch.cat([torch.ones(n), torch.zeros(n)])
+    r = 0.02 + 0.96 * torch.rand(2 * n, generator=gen)
+    m = torch.ones(2 * n)
+    w = 0.5 + torch.rand(2 * n, generator=gen)
+    (g_lr, sums), (r_lr, r_sums) = nft_both(lr, m, w, r, c, clamp_negative)
+    assert_each_close(g_lr, r_lr)
+    assert_sums(sums, r_sums, NFT_NONNEG_SUMS)
+
+
+@triton_kernel_test
+def test_triton_nft_deterministic(gen):
+    inputs = nft_inputs(3000, gen)
+    first = pl.nft_tokens_triton(*inputs, 0.1)
+    second = pl.nft_tokens_triton(*inputs, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@triton_kernel_test
+def test_triton_nft_empty():
+    e = torch.empty(0)
+    g_lr, sums = pl.nft_tokens_triton(e, e, e, e, e, 1.0)
+    assert g_lr.shape == (0,) and torch.equal(sums, torch.zeros(3))
+
+
+@triton_kernel_test
+def test_triton_nft_bad_arguments():
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match="r must be a contiguous float32"):
+        pl.nft_tokens_triton(x, x, x, x.double(), x, 1.0)
+    with pytest.raises(ValueError, match="c must be a contiguous float32"):
+        pl.nft_tokens_triton(x, x, x, x, x[:4], 1.0)
