@@ -1,7 +1,6 @@
 """hotloop.dino_loss and hotloop.update_center_ (docs/dino_loss.md): every backend against float64 DINO math (loss and
 student gradient), crop layouts, no-grad calls, errors, torch.compile, opcheck, finite differences, and the centre's
 all-reduce across two gloo processes."""
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch
 import hotloop
 from hotloop.reference.dino_loss import dino_loss_ref
 
+from distributed import run_ranks
 from helpers import BACKENDS, device_for, rel_err
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
@@ -159,28 +159,13 @@ def test_update_center_single_process():
         hotloop.update_center_(c, t[:, :-1])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _center_worker(rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        rows = [torch.randn(4, 10, generator=torch.Generator().manual_seed(r)) for r in range(world)]
-        c = torch.zeros(1, 10)
-        hotloop.update_center_(c, rows[rank], momentum=0.5)
-        want = 0.5 * torch.cat(rows).double().mean(0, keepdim=True)  # the mean over every rank's rows
-        assert rel_err(c, want) <= 1e-6, (rank, c, want)
-    finally:
-        dist.destroy_process_group()
+def _center_worker(rank: int, world: int) -> None:
+    rows = [torch.randn(4, 10, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    c = torch.zeros(1, 10)
+    hotloop.update_center_(c, rows[rank], momentum=0.5)
+    want = 0.5 * torch.cat(rows).double().mean(0, keepdim=True)  # the mean over every rank's rows
+    assert rel_err(c, want) <= 1e-6, (rank, c, want)
 
 
 def test_update_center_all_reduce_two_processes():
-    import torch.multiprocessing as mp
-
-    mp.spawn(_center_worker, args=(2, _free_port()), nprocs=2, join=True)
+    run_ranks(_center_worker, world=2)

@@ -4,7 +4,6 @@ FSDP2-style DTensor parameters) that must give the same teacher on both ranks.""
 import copy
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 import hotloop
 from hotloop.ema_teacher import cosine_decay
 
+from distributed import run_ranks
 from helpers import HAS_CUDA, rel_err
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
@@ -243,60 +243,47 @@ def test_teacher_without_shadow_and_buffers(backend):
 
 
 # ------------------------------------------------------------------------------------ two processes (gloo)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int) -> None:
+def _ddp_worker(rank: int, world: int) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(rank)  # different init per rank: DDP broadcasts rank 0's weights
-        model = nn.parallel.DistributedDataParallel(_net())
-        teacher = hotloop.EMATeacher(model, decay=0.9, schedule="cosine", total_steps=10)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for _ in range(2):
-            x = torch.randn(8, 6)  # different data per rank; DDP averages the gradients
-            model(x).square().mean().backward()
-            opt.step()
-            opt.zero_grad()
-            teacher.update()
-        # parameters only: BN running statistics legitimately differ per rank after a forward on local data
-        # (DDP re-broadcasts rank 0's at the next forward), and the teacher copies each rank's
-        flat = torch.cat([p.reshape(-1) for p in teacher.module.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat)
-        assert torch.equal(gathered[0], gathered[1]), "teachers differ between ranks"
+    torch.manual_seed(rank)  # different init per rank: DDP broadcasts rank 0's weights
+    model = nn.parallel.DistributedDataParallel(_net())
+    teacher = hotloop.EMATeacher(model, decay=0.9, schedule="cosine", total_steps=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        x = torch.randn(8, 6)  # different data per rank; DDP averages the gradients
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        teacher.update()
+    # parameters only: BN running statistics legitimately differ per rank after a forward on local data
+    # (DDP re-broadcasts rank 0's at the next forward), and the teacher copies each rank's
+    flat = torch.cat([p.reshape(-1) for p in teacher.module.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1]), "teachers differ between ranks"
 
-        # FSDP2-style parameters: DTensors sharded along dim 0; the update works on each rank's local shard
-        mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(0)
-        lin = nn.Linear(8, 4)
-        lin.weight = nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Shard(0)]))
-        lin.bias = nn.Parameter(distribute_tensor(lin.bias.detach(), mesh, [Shard(0)]))
-        t = hotloop.EMATeacher(lin, decay=0.75)
-        before = [p.to_local().clone() for p in t.module.parameters()]
-        with torch.no_grad():
-            for p in lin.parameters():
-                p.to_local().add_(1.0)
-        t.update()
-        for p, p0, s in zip(t.module.parameters(), before, lin.parameters()):
-            want = 0.75 * p0.double() + 0.25 * s.to_local().double()
-            assert rel_err(p.to_local(), want) <= 1e-6
-    finally:
-        dist.destroy_process_group()
+    # FSDP2-style parameters: DTensors sharded along dim 0; the update works on each rank's local shard
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    lin.weight = nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Shard(0)]))
+    lin.bias = nn.Parameter(distribute_tensor(lin.bias.detach(), mesh, [Shard(0)]))
+    t = hotloop.EMATeacher(lin, decay=0.75)
+    before = [p.to_local().clone() for p in t.module.parameters()]
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.to_local().add_(1.0)
+    t.update()
+    for p, p0, s in zip(t.module.parameters(), before, lin.parameters()):
+        want = 0.75 * p0.double() + 0.25 * s.to_local().double()
+        assert rel_err(p.to_local(), want) <= 1e-6
 
 
 def test_ddp_two_processes_same_teacher():
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_worker, args=(2, _free_port()), nprocs=2, join=True)
+    run_ranks(_ddp_worker, world=2)
 
 
 # ------------------------------------------------------------------------------------------------------ GPU
