@@ -17,7 +17,8 @@ GRPO loss_type cispo / sapo / luspo / vespo, off_policy_mask_threshold, top_entr
 bonus, vLLM importance-sampling correction, delta, beta != 0 with use_bias_correction_kl (TRL's default: the KL
 times the ratio; set it False), an MoE aux loss, cast_lm_head_to_fp32; DPO with several loss types,
 f-divergences other than reverse KL, ld_alpha, use_weighting, no reference model (PEFT) without precomputed
-reference log-probs. The model runs unwrapped (accelerator.unwrap_model): single-process training, no DDP / FSDP.
+reference log-probs. The loss runs as the forward of the model the trainer hands over (wrapped by accelerate in
+DDP / FSDP2 / DeepSpeed under several processes), so the engine synchronises the gradients as it does for TRL.
 """
 from __future__ import annotations
 
@@ -80,17 +81,19 @@ def _grpo_loss(trainer, loss_fn: GRPO, model, inputs: dict) -> Tensor:
              "attention_mask": torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
              "completion_mask": mask, "advantages": inputs["advantages"],
              "old_logps": inputs.get("old_per_token_logps"), "ref_logps": inputs.get("ref_per_token_logps")}
-    with trainer.accelerator.autocast():  # the backbone in the trainer's mixed precision, as TRL runs it
-        out = loss_fn.loss(trainer.accelerator.unwrap_model(model), batch)
     train = trainer.model.training
     mode = "train" if train else "eval"
-    if trainer.loss_type == "dapo":  # TRL divides the token sum by the generation batch's token count
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
-        if train:
-            normalizer = normalizer * trainer.current_gradient_accumulation_steps / trainer.args.steps_per_generation
-        loss = out.loss * (mask.sum().clamp(min=1) / normalizer)
-    else:
-        loss = out.loss / (trainer.current_gradient_accumulation_steps if train else 1.0)
+    steps = trainer.current_gradient_accumulation_steps if train else 1
+    # hotloop's token means take the step's token count over every rank and micro-batch (num_items_in_batch);
+    # TRL's dapo counts the generation batch (steps_per_generation micro-batches), its bnpo each micro-batch
+    if trainer.loss_type == "dapo":
+        batch["num_items_in_batch"] = inputs["num_items_in_batch"] * (steps / trainer.args.steps_per_generation
+                                                                       if train else 1.0)
+    elif trainer.loss_type == "bnpo":
+        batch["num_items_in_batch"] = mask.sum() * trainer.accelerator.num_processes * steps
+    with trainer.accelerator.autocast():  # the backbone in the trainer's mixed precision, as TRL runs it
+        out = loss_fn.loss(model, batch)  # the wrapped model: its engine synchronises the gradients
+    loss = out.loss if trainer.loss_type in ("dapo", "bnpo") else out.loss / steps
     m, log = out.metrics, trainer._metrics[mode]
     if trainer.beta != 0.0:
         log["kl"].append(m["kl_mean"].item())
@@ -143,7 +146,7 @@ def _dpo_loss(trainer, loss_fn: DPO, weight: float, model, inputs: dict) -> Tens
     batch = {k: inputs.get(k) for k in ("input_ids", "attention_mask", "completion_mask", "ref_chosen_logps",
                                         "ref_rejected_logps")}
     with trainer.accelerator.autocast():
-        out = loss_fn.loss(trainer.accelerator.unwrap_model(model), batch)
+        out = loss_fn.loss(model, batch)
     log = trainer._metrics["train" if trainer.model.training else "eval"]
     for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                  "logps/rejected"):

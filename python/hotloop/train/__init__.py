@@ -8,9 +8,13 @@ runs, its last hidden states and the lm_head weight go through hotloop's fused o
     SelfCertainty   self-certainty scores (best-of-N, Intuitor rewards) and a confidence loss
     BYOL, DirectPred, DINO   self-supervised steps on hotloop.EMATeacher (any nn.Module; batches of views / crops)
 
+`model` may be the engine's wrapper (DDP, FSDP2, a DeepSpeed engine): the loss then runs as its forward, so the
+engine's hooks unshard parameters and synchronise gradients; token means span every data-parallel rank.
+
 hotloop.train.causal_lm takes the Hugging Face models apart (hotloop.integrations.transformers publishes it).
 """
 from hotloop.train._backbone import Output
+from hotloop.train._engine import manual_gradient_sync
 from hotloop.train.byol import BYOL, DirectPred
 from hotloop.train.dino import DINO
 from hotloop.train.dpo import DPO
@@ -18,4 +22,4 @@ from hotloop.train.grpo import GRPO
 from hotloop.train.nft import NFT
 from hotloop.train.self_certainty import SelfCertainty
 
-__all__ = ["BYOL", "DINO", "DPO", "DirectPred", "GRPO", "NFT", "Output", "SelfCertainty"]
+__all__ = ["BYOL", "DINO", "DPO", "DirectPred", "GRPO", "NFT", "Output", "SelfCertainty", "manual_gradient_sync"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from hotloop.train._engine import in_forward, in_head
 from hotloop.train.causal_lm import completion_parts
 
 
@@ -18,14 +19,28 @@ class Output:
     metrics: dict[str, Tensor] = field(default_factory=dict)
 
 
+# a pytree node, so an engine that walks its forward's output (DDP with find_unused_parameters / static_graph)
+# finds the loss inside
+torch.utils._pytree.register_dataclass(Output)
+
+
 @dataclass
 class Completions:
-    """The fused losses' inputs: hidden [B, C, H] predicts labels [B, C]; mask [B, C] marks the scored tokens."""
+    """The fused losses' inputs: hidden [B, C, H] predicts labels [B, C]; mask [B, C] marks the scored tokens;
+    head is the lm_head module (weight [V, H], bias [V] or None, as the backbone's forward left them)."""
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None
     labels: Tensor
     mask: Tensor
+    head: torch.nn.Module
+
+    def head_loss(self, loss):
+        """loss(hidden, weight, bias) with autocast off (the fused ops pick their own precision; under a
+        trainer's autocast their internal matmuls would come back in bf16), run inside the lm_head's forward
+        where an engine shards the head on its own (hotloop.train._engine.in_head)."""
+        with torch.autocast(self.hidden.device.type, enabled=False):
+            return in_head(self.head, loss, self.hidden)
 
 
 def require(op: str, batch: dict, key: str) -> Tensor:
@@ -81,13 +96,7 @@ def completions(op: str, model: torch.nn.Module, batch: dict) -> Completions:
     hidden, weight, bias, labels = completion_parts(model, input_ids, attention_mask, C)
     if hidden.dtype != weight.dtype:  # a backbone under autocast: the head's loss runs in the weight's dtype
         hidden = hidden.to(weight.dtype)
-    return Completions(hidden, weight, bias, labels, completion_mask[:, -C:])
-
-
-def fused(t: Tensor):
-    """Context for a fused op: autocast off (the ops pick their own precision; under a trainer's autocast their
-    internal matmuls would otherwise come back in bf16)."""
-    return torch.autocast(t.device.type, enabled=False)
+    return Completions(hidden, weight, bias, labels, completion_mask[:, -C:], model.get_output_embeddings())
 
 
 def ref_logps(op: str, ref_model: torch.nn.Module | None, batch: dict, key: str, temperature: float = 1.0
@@ -100,11 +109,13 @@ def ref_logps(op: str, ref_model: torch.nn.Module | None, batch: dict, key: str,
         return None
     from hotloop.ops.linear_token_stats import linear_token_logprobs
 
+    def logprobs(model: torch.nn.Module) -> Tensor:
+        c = completions(op, model, batch)
+        labels = torch.where(c.mask != 0, c.labels, -100)
+        return c.head_loss(lambda h, w, b: linear_token_logprobs(h, w, labels, bias=b, temperature=temperature))
+
     with torch.no_grad():
-        c = completions(op, ref_model, batch)
-        with fused(c.hidden):
-            return linear_token_logprobs(c.hidden, c.weight, torch.where(c.mask != 0, c.labels, -100), bias=c.bias,
-                                         temperature=temperature)
+        return in_forward(op, ref_model, logprobs, trains=False)
 
 
 def check_choice(op: str, name: str, value, choices) -> None:

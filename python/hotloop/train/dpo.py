@@ -9,7 +9,8 @@ from torch import Tensor
 from hotloop.ops.linear_preference_loss import linear_preference_loss
 from hotloop.contracts import PAIR_LAYOUTS, REFERENCE_FREE
 from hotloop.contracts import PREFERENCE_KINDS as KINDS
-from hotloop.train._backbone import Output, check_choice, completions, fused, ref_logps, require
+from hotloop.train._backbone import Output, check_choice, completions, ref_logps, require
+from hotloop.train._engine import in_forward
 
 
 class DPO:
@@ -55,14 +56,18 @@ class DPO:
         return sums[: sums.shape[0] // 2], sums[sums.shape[0] // 2:]
 
     def loss(self, model: torch.nn.Module, batch: dict) -> Output:
-        """One preference loss over the pairs; loss.backward() reaches every parameter of `model`."""
+        """One preference loss over the pairs; loss.backward() reaches every parameter of `model`. A wrapped
+        `model` (DDP, FSDP2, DeepSpeed) runs the loss as its forward; the mean over pairs is per rank, which the
+        engine's gradient average makes the global mean when every rank holds as many pairs."""
         ref_w, ref_l = self.reference(batch)
+        return in_forward("DPO", model, lambda m: self._loss(m, batch, ref_w, ref_l))
+
+    def _loss(self, model: torch.nn.Module, batch: dict, ref_w: Tensor | None, ref_l: Tensor | None) -> Output:
         c = completions("DPO", model, batch)
         if c.hidden.shape[0] % 2:
             raise ValueError(f"hotloop.train.DPO: the batch must hold 2P rows (chosen and rejected), "
                              f"got {c.hidden.shape[0]}")
-        with fused(c.hidden):
-            loss, metrics = linear_preference_loss(c.hidden, c.weight, c.labels, c.mask, ref_chosen_logps=ref_w,
-                                                   ref_rejected_logps=ref_l, consistency=batch.get("consistency"),
-                                                   bias=c.bias, **self.options)
+        loss, metrics = c.head_loss(lambda h, w, b: linear_preference_loss(
+            h, w, c.labels, c.mask, ref_chosen_logps=ref_w, ref_rejected_logps=ref_l,
+            consistency=batch.get("consistency"), bias=b, **self.options))
         return Output(loss, metrics)

@@ -19,7 +19,8 @@ from hotloop.contracts import IMPORTANCE
 from hotloop.ops.group_advantages import group_advantages
 from hotloop.ops.linear_losses import linear_policy_loss
 from hotloop.peer_names import ADVANTAGES, LOSS_TYPES, SCALE_REWARDS, policy_options
-from hotloop.train._backbone import Output, check_choice, completions, fused, ref_logps, require
+from hotloop.train._backbone import Output, check_choice, completions, ref_logps, require
+from hotloop.train._engine import data_parallel_groups, global_token_mean, in_forward
 
 
 class GRPO:
@@ -60,7 +61,7 @@ class GRPO:
         check_choice("GRPO", "scale_rewards", scale_rewards, tuple(SCALE_REWARDS))
         check_choice("GRPO", "advantage", advantage, ADVANTAGES)
         check_choice("GRPO", "importance_sampling_level", importance_sampling_level, IMPORTANCE)
-        self.num_generations, self.beta, self.ref_model = num_generations, beta, ref_model
+        self.num_generations, self.beta, self.ref_model, self.loss_type = num_generations, beta, ref_model, loss_type
         self.advantage, self.scale, self.reward_eps = advantage, SCALE_REWARDS[scale_rewards], reward_eps
         self.mask_truncated, self.eos_token_id, self.temperature = mask_truncated_completions, eos_token_id, temperature
         self.options = dict(kl=kl, entropy_coef=entropy_coef, grad_filter_eps=grad_filter_eps, **policy_options(
@@ -84,18 +85,32 @@ class GRPO:
                                 group_index=groups, kind=kind, scale=self.scale, eps=self.reward_eps)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> Output:
-        """One GRPO loss over the batch; loss.backward() reaches every parameter of `model`."""
+        """One GRPO loss over the batch; loss.backward() reaches every parameter of `model`.
+
+        `model` may be wrapped (DDP, FSDP2, a DeepSpeed engine): the loss runs as its forward, so the engine
+        synchronises the gradients. Token means (loss_type dapo / bnpo) span every data-parallel rank, and with
+        batch["num_items_in_batch"] (the step's scored tokens, all ranks and accumulation steps) every
+        micro-batch of the step too; groups of num_generations stay within a rank."""
         adv = self.advantages(batch)  # the batch's errors before any forward
         if self.beta != 0.0 and batch.get("ref_logps") is None and self.ref_model is None:
             raise ValueError("hotloop.train.GRPO: beta != 0 needs batch['ref_logps'] or a `ref_model`")
+        if batch.get("num_items_in_batch") is not None and self.options["agg"] != "token-mean":
+            raise ValueError(f"hotloop.train.GRPO: batch['num_items_in_batch'] normalises token means (loss_type "
+                             f"dapo / bnpo); loss_type={self.loss_type!r} averages per sequence: divide the loss by "
+                             "the gradient-accumulation steps instead")
         ref = ref_logps("GRPO", self.ref_model, batch, "ref_logps", self.temperature) if self.beta != 0.0 else None
+        groups = data_parallel_groups(model) if self.options["agg"] == "token-mean" else []
+        return in_forward("GRPO", model, lambda m: self._loss(m, batch, adv, ref, groups))
+
+    def _loss(self, model: torch.nn.Module, batch: dict, adv: Tensor, ref: Tensor | None, groups: list) -> Output:
         c = completions("GRPO", model, batch)
         mask = c.mask
         if self.mask_truncated:
             mask = mask * ~self._truncated(batch, c.labels, mask)[:, None]
-        with fused(c.hidden):
-            loss, metrics = linear_policy_loss(c.hidden, c.weight, c.labels, batch.get("old_logps"), adv, mask,
-                                               ref_logp=ref, bias=c.bias, **self.options)
+        loss, metrics = c.head_loss(lambda h, w, b: linear_policy_loss(
+            h, w, c.labels, batch.get("old_logps"), adv, mask, ref_logp=ref, bias=b, **self.options))
+        if self.options["agg"] == "token-mean":
+            loss = global_token_mean("GRPO", loss, mask.sum(), batch.get("num_items_in_batch"), groups)
         if batch.get("rewards") is not None:
             r = batch["rewards"].detach().float()
             metrics["reward_mean"], metrics["reward_std"] = r.mean(), r.std() if r.numel() > 1 else r.new_zeros(())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from hotloop.ops.linear_losses import linear_nft_loss
-from hotloop.train._backbone import Output, completions, fused, require
+from hotloop.train._backbone import Output, completions, require
+from hotloop.train._engine import data_parallel_groups, global_token_mean, in_forward
 
 
 class NFT:
@@ -30,7 +31,8 @@ class NFT:
                             grad_filter_eps=grad_filter_eps)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> Output:
-        """One NFT loss over the batch; loss.backward() reaches every parameter of `model`."""
+        """One NFT loss over the batch; loss.backward() reaches every parameter of `model` (wrapped or not, with
+        token means over every data-parallel rank: see GRPO.loss)."""
         if batch.get("correct") is not None:
             correct = require("NFT", batch, "correct").float()
         else:
@@ -38,11 +40,20 @@ class NFT:
         groups = batch.get("group_ids")
         if groups is None and self.num_generations is None:
             raise ValueError("hotloop.train.NFT: give `num_generations` or batch['group_ids'] to group the responses")
-        c = completions("NFT", model, batch)
-        with fused(c.hidden):
-            loss, metrics = linear_nft_loss(c.hidden, c.weight, c.labels, batch.get("old_logps"), correct, c.mask,
-                                            bias=c.bias, group_index=groups,
-                                            group_size=None if groups is not None else self.num_generations,
-                                            **self.options)
-        metrics["accuracy"] = correct.mean()
-        return Output(loss, metrics)
+        token_mean = self.options["agg"] == "token-mean"
+        if batch.get("num_items_in_batch") is not None and not token_mean:
+            raise ValueError(f"hotloop.train.NFT: batch['num_items_in_batch'] normalises token means; "
+                             f"agg={self.options['agg']!r} averages per sequence")
+        ranks = data_parallel_groups(model) if token_mean else []
+
+        def nft(model: torch.nn.Module) -> Output:
+            c = completions("NFT", model, batch)
+            loss, metrics = c.head_loss(lambda h, w, b: linear_nft_loss(
+                h, w, c.labels, batch.get("old_logps"), correct, c.mask, bias=b, group_index=groups,
+                group_size=None if groups is not None else self.num_generations, **self.options))
+            if token_mean:
+                loss = global_token_mean("NFT", loss, c.mask.sum(), batch.get("num_items_in_batch"), ranks)
+            metrics["accuracy"] = correct.mean()
+            return Output(loss, metrics)
+
+        return in_forward("NFT", model, nft)

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from hotloop.ops.linear_token_stats import linear_token_stats
-from hotloop.train._backbone import Output, completions, fused
+from hotloop.train._backbone import Output, completions
+from hotloop.train._engine import data_parallel_groups, global_token_mean, in_forward
 
 
 class SelfCertainty:
@@ -20,18 +21,20 @@ class SelfCertainty:
     def __init__(self, *, temperature: float = 1.0):
         self.temperature = temperature
 
-    def _token_stats(self, model: torch.nn.Module, batch: dict) -> tuple[Tensor, Tensor]:
-        c = completions("SelfCertainty", model, batch)
-        labels = torch.where(c.mask != 0, c.labels, -100)  # -100: not scored, no gradient
-        with fused(c.hidden):
-            stats = linear_token_stats(c.hidden, c.weight, labels, bias=c.bias, temperature=self.temperature,
-                                       entropy=True, self_certainty=True)
-        return stats, c.mask.to(stats.self_certainty.dtype)
+    def _token_stats(self, model: torch.nn.Module, batch: dict, trains: bool) -> tuple[Tensor, Tensor]:
+        def stats(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
+            c = completions("SelfCertainty", model, batch)
+            labels = torch.where(c.mask != 0, c.labels, -100)  # -100: not scored, no gradient
+            out = c.head_loss(lambda h, w, b: linear_token_stats(h, w, labels, bias=b, temperature=self.temperature,
+                                                                 entropy=True, self_certainty=True))
+            return out, c.mask.to(out.self_certainty.dtype)
+
+        return in_forward("SelfCertainty", model, stats, trains=trains)
 
     def scores(self, model: torch.nn.Module, batch: dict) -> Tensor:
         """Mean self-certainty over each completion's tokens: [B] float32, no gradient (higher = more confident)."""
         with torch.no_grad():
-            stats, mask = self._token_stats(model, batch)
+            stats, mask = self._token_stats(model, batch, trains=False)
             return (stats.self_certainty * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def best_of_n(self, model: torch.nn.Module, batch: dict, num_generations: int) -> Tensor:
@@ -44,9 +47,12 @@ class SelfCertainty:
         return best + torch.arange(0, s.shape[0], num_generations, device=s.device)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> Output:
-        """-(token mean of self-certainty): minimising it sharpens the policy on its own completions.
-        Metrics: self_certainty and entropy token means."""
-        stats, mask = self._token_stats(model, batch)
+        """-(token mean of self-certainty): minimising it sharpens the policy on its own completions. The mean
+        spans every data-parallel rank of a wrapped `model` (and the step, with batch["num_items_in_batch"]).
+        Metrics: self_certainty and entropy token means of this rank."""
+        stats, mask = self._token_stats(model, batch, trains=True)
         n = mask.sum().clamp(min=1)
         sc = (stats.self_certainty * mask).sum() / n
-        return Output(-sc, {"self_certainty": sc.detach(), "entropy": ((stats.entropy * mask).sum() / n).detach()})
+        loss = global_token_mean("SelfCertainty", -sc, mask.sum(), batch.get("num_items_in_batch"),
+                                 data_parallel_groups(model))
+        return Output(loss, {"self_certainty": sc.detach(), "entropy": ((stats.entropy * mask).sum() / n).detach()})
