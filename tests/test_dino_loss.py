@@ -159,13 +159,25 @@ def test_update_center_single_process():
         hotloop.update_center_(c, t[:, :-1])
 
 
+def test_update_center_no_rows_leaves_it():  # a NaN centre would make every later DINO loss NaN
+    c = torch.randn(1, 20, generator=torch.Generator().manual_seed(7))
+    before = c.clone()
+    hotloop.update_center_(c, torch.empty(0, 20))
+    assert torch.equal(c, before)
+
+
 def _center_worker(rank: int, world: int) -> None:
-    rows = [torch.randn(4, 10, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    sizes = [4, 0, 3][:world]  # ranks with different numbers of rows, one with none
+    rows = [torch.randn(n, 10, generator=torch.Generator().manual_seed(r)) for r, n in enumerate(sizes)]
     c = torch.zeros(1, 10)
     hotloop.update_center_(c, rows[rank], momentum=0.5)
     want = 0.5 * torch.cat(rows).double().mean(0, keepdim=True)  # the mean over every rank's rows
     assert rel_err(c, want) <= 1e-6, (rank, c, want)
+    empty = c.clone()
+    hotloop.update_center_(c, rows[rank][:0])  # no rows on any rank: unchanged
+    assert torch.equal(c, empty)
 
 
-def test_update_center_all_reduce_two_processes():
-    run_ranks(_center_worker, world=2)
+@pytest.mark.parametrize("world", [2, 3])
+def test_update_center_all_reduce(world):
+    run_ranks(_center_worker, world=world)

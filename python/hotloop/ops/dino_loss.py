@@ -111,8 +111,9 @@ def dino_loss(student_out: Tensor, teacher_out: Tensor, center: Tensor, *, n_glo
 def update_center_(center: Tensor, teacher_out: Tensor, momentum: float = 0.9) -> Tensor:
     """DINO's centre update in place: c <- m c + (1 - m) mean_rows(teacher_out); returns center.
 
-    center: [K] or [1, K] float; teacher_out: [rows, K]. When torch.distributed is initialised the row sum is
-    all-reduced (sum) and divided by rows * world size, so every rank gets the global mean (as DINO does).
+    center: [K] or [1, K] float; teacher_out: [rows, K]. When torch.distributed is initialised the row sums and
+    counts are all-reduced, so every rank gets the mean over all ranks' rows (as DINO does; ranks may hold
+    different numbers of rows). No rows on any rank leaves the centre unchanged.
     momentum in [0, 1]. No host sync; teacher_out carries no gradient here.
     """
     check_tensor(_OP, "center", center, dtypes=FLOAT_DTYPES)

@@ -40,13 +40,18 @@ def dino_loss_ref(student_out: Tensor, teacher_out: Tensor, center: Tensor, n_gl
 @torch.no_grad()
 def update_center_ref(center: Tensor, teacher_out: Tensor, momentum: float = 0.9) -> Tensor:
     """c <- m c + (1 - m) mean_rows(teacher_out), the mean over every rank's rows when torch.distributed is
-    initialised (a sum all-reduce, then / (rows * world size)). In place; returns center."""
-    batch = teacher_out.to(_acc(center)).sum(dim=0)
-    rows = teacher_out.shape[0]
+    initialised (row sums and row counts all-reduced together, so ranks may hold different numbers of rows).
+    No rows at all (on every rank) leaves the centre as it is: there is no mean to move towards. In place, no
+    host sync; returns center."""
+    acc = _acc(center)
+    rows = teacher_out.new_full((1,), teacher_out.shape[0], dtype=acc)
+    packed = torch.cat([teacher_out.to(acc).sum(dim=0), rows])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(batch)
-        rows *= torch.distributed.get_world_size()
-    return center.mul_(momentum).add_(batch.reshape(center.shape) / rows, alpha=1.0 - momentum)
+        torch.distributed.all_reduce(packed)
+    total = packed[-1]
+    mean = (packed[:-1] / total.clamp(min=1)).reshape(center.shape)
+    moved = center.to(acc) * momentum + mean * (1.0 - momentum)
+    return center.copy_(torch.where(total > 0, moved, center.to(acc)))
 
 
 def dino_loss_fwd_ref(student: Tensor, teacher: Tensor, center: Tensor, n_global: int, tau_s: float, tau_t: float,
