@@ -95,3 +95,22 @@ def test_bad_inputs():
         hotloop.DirectPredictor(0)
     with pytest.raises(ValueError, match=r"\[\.\.\., 4\]"):
         hotloop.DirectPredictor(4)(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_batch_refused_and_state_kept(bad):
+    p = hotloop.DirectPredictor(4)
+    p(_feats(8, 4, 5))
+    corr, weight, steps = p.corr.clone(), p.weight.clone(), p.steps
+    x = _feats(8, 4, 6)
+    x[3, 1] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        p(x)
+    assert torch.equal(p.corr, corr) and torch.equal(p.weight, weight) and p.steps == steps
+    p(_feats(8, 4, 7))  # the next good batch trains as if the bad one never came
+    assert torch.isfinite(p.weight).all()
+
+
+def test_eigh_failure_names_the_input():
+    with pytest.raises(ValueError, match="correlation"):
+        hotloop.DirectPredictor(3).predictor_from(torch.full((3, 3), float("nan")))

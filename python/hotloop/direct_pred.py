@@ -62,6 +62,11 @@ class DirectPredictor(nn.Module):
     def update(self, x: Tensor) -> None:
         """F <- rho F + (1 - rho) mean_b(f f^T) from the detached features; W recomputed every `freq` calls."""
         f = x.detach().reshape(-1, self.dim).to(self.corr.dtype)
+        # one non-finite feature would stay in the running correlation for good (every later eigh fails), so it
+        # is refused before F changes; a host sync, as the eigh of the W update already is
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError("hotloop.DirectPredictor: the training input holds NaN or inf; the correlation was "
+                             "not updated (check the encoder's output, e.g. a diverged loss or a bad batch)")
         n = max(f.shape[0], 1)
         first = self.steps == 0
         # one GEMM with the EMA folded into its epilogue (beta scales the old F)
@@ -74,7 +79,11 @@ class DirectPredictor(nn.Module):
 
     def predictor_from(self, corr: Tensor) -> Tensor:
         """W from a symmetric correlation F (float32 eigh; see the module docstring)."""
-        s, U = torch.linalg.eigh(corr)
+        try:
+            s, U = torch.linalg.eigh(corr)
+        except torch.linalg.LinAlgError as e:
+            raise ValueError(f"hotloop.DirectPredictor: the eigendecomposition of the input correlation failed "
+                             f"({e}); it must be a finite symmetric [dim, dim] matrix") from e
         top = s.max().clamp_min(torch.finfo(s.dtype).tiny)
         if self.mode == "directcopy":
             scale = 1.0 / top if self.normalize else 1.0
