@@ -163,6 +163,24 @@ def test_bad_inputs():
         hotloop.ema_update_(3, b, 0.5)
 
 
+def test_overlapping_tensors_refused():  # torch.lerp_ refuses them too; the fused kernel would read what it wrote
+    buf = torch.randn(20, generator=torch.Generator().manual_seed(17))
+    cases = [([buf[:10]], [buf[5:15]]),                      # target and online overlap
+             ([buf[:10], buf[8:18]], [torch.zeros(10)] * 2),  # two targets overlap
+             ([buf[:10]], [buf[:10]])]                         # the same memory
+    for target, online in cases:
+        before = buf.clone()
+        with pytest.raises(ValueError, match="overlap"):
+            hotloop.ema_update_(target, online, 0.5)
+        assert torch.equal(buf, before)  # refused before any write
+    with pytest.raises(ValueError, match="out_copy"):
+        hotloop.ema_update_([buf[:10]], [torch.zeros(10)], 0.5, out_copy=[buf[4:14]])
+    shared = torch.randn(10)  # online tensors may share memory: they are only read
+    t1, t2 = torch.zeros(10), torch.zeros(10)
+    hotloop.ema_update_([t1, t2], [shared, shared], 0.5)
+    assert torch.equal(t1, 0.5 * shared) and torch.equal(t2, t1)
+
+
 def test_compile_and_opcheck(monkeypatch):
     monkeypatch.setenv("HOTLOOP_BACKEND", "cpu")
     target, online = _tensors(F32, SHAPES[:2], seed=17), _tensors(BF16, SHAPES[:2], seed=18)

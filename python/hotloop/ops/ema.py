@@ -149,6 +149,31 @@ def _check_pairs(target: list[Tensor], online: list[Tensor], copy: list[Tensor] 
                                 f"non-float64 target, got {c.dtype} for a {t.dtype} target")
 
 
+def _check_no_overlap(target: list[Tensor], online: list[Tensor], copy: list[Tensor] | None) -> None:
+    """Refuse a written tensor (target, out_copy) whose memory overlaps any other tensor of the call: the kernel
+    would read values it already overwrote. One sort of the address ranges (contiguous tensors: [ptr, ptr +
+    bytes)), so hundreds of tensors cost microseconds; online tensors may overlap each other (only read)."""
+    spans = []
+    for name, tensors, written in (("target", target, True), ("online", online, False),
+                                   ("out_copy", copy or [], True)):
+        for i, t in enumerate(tensors):
+            if t is not None and t.numel():
+                start = t.data_ptr()
+                spans.append((start, start + t.numel() * t.element_size(), written, f"{name}[{i}]"))
+    spans.sort(key=lambda s: s[0])
+    end_any = end_written = -1
+    last_any = last_written = ""
+    for start, end, written, what in spans:
+        other = last_any if written and start < end_any else last_written if start < end_written else None
+        if other is not None:
+            raise ValueError(f"hotloop.{_OP}: `{what}` and `{other}` overlap in memory; the tensors written in "
+                             "place (target, out_copy) must not share memory with any other tensor of the call")
+        if end > end_any:
+            end_any, last_any = end, what
+        if written and end > end_written:
+            end_written, last_written = end, what
+
+
 # ------------------------------------------------------------------------------------------- public API
 def ema_update_(target: nn.Module | Sequence[Tensor | nn.Module], online: nn.Module | Sequence[Tensor | nn.Module],
                 decay: float | Tensor, *, out_copy: nn.Module | Sequence[Tensor | nn.Module] | None = None,
@@ -204,6 +229,7 @@ def ema_update_(target: nn.Module | Sequence[Tensor | nn.Module], online: nn.Mod
             if torch.compiler.is_compiling():
                 ema_update_op(tgt, src, cpy or [], d, d_tensor)
             else:
+                _check_no_overlap(tgt, src, cpy)  # eager only: traced tensors have no addresses
                 # eager: straight to the kernel, skipping the custom op's Python dispatch layers (~2 us a tensor,
                 # hundreds of tensors a call); the version counters are bumped as the custom op would
                 dispatch.kernel("ema_update", dev)(tgt, src, cpy or [], d, d_tensor)
