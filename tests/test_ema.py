@@ -64,6 +64,14 @@ def test_cpu_isas_and_threads(monkeypatch, isa):
         assert torch.equal(c, t.to(BF16))  # the copy is the new float32 value rounded once
 
 
+def test_unknown_cpu_isa_refused(monkeypatch):  # the C++ kernels would ignore it and run the best ISA
+    monkeypatch.setenv("HOTLOOP_CPU_ISA", "avx1024")
+    with pytest.raises(ValueError, match="HOTLOOP_CPU_ISA='avx1024'"):
+        hotloop.ema_update_([torch.zeros(3)], [torch.ones(3)], 0.5)
+    with pytest.raises(ValueError, match="HOTLOOP_CPU_ISA"):
+        hotloop.token_stats(torch.randn(2, 5), torch.tensor([1, 2]))
+
+
 def test_float32_equals_foreach_lerp(monkeypatch):
     """With FMA (avx2 / avx512) the kernel is ATen's lerp bit for bit; base rounds the product apart."""
     monkeypatch.setenv("HOTLOOP_BACKEND", "cpu")

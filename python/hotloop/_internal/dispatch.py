@@ -11,7 +11,8 @@ implementation is `kernel(op, device)(*args)`; each backend registers its kernel
 Without HOTLOOP_BACKEND a CPU tensor gets "cpu" and a CUDA tensor "triton" (or "cuda" for an op with no Triton
 kernel; an op registered with `reference_serves_cuda` runs its reference on CUDA tensors when the extension was
 built without CUDA kernels, where the others raise how to build them). HOTLOOP_BACKEND forces one backend for every op, read on every call (never cached), so tests can switch
-it per case; it is read when the op runs, not when torch.compile traces it.
+it per case; it is read when the op runs, not when torch.compile traces it. HOTLOOP_CPU_ISA (base / avx2 /
+avx512) lowers the C++ kernels' SIMD path; any other value is an error when a CPU kernel is chosen.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Callable
 import torch
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+CPU_ISAS = ("base", "avx2", "avx512")  # HOTLOOP_CPU_ISA: the C++ kernels' SIMD path, lowered for tests
 _DEVICE_OF = {"cpu": "cpu", "cuda": "cuda"}  # the device type a backend's kernels need (triton: see _check)
 
 # op -> backend -> the kernel, or "module:attribute.path" imported on first use (Triton and the extension load
@@ -83,6 +85,8 @@ def _check(op: str, chosen: str, device: torch.device) -> None:
     needs = _DEVICE_OF.get(chosen)
     if needs is not None and device.type != needs:
         raise ValueError(f"hotloop.{op}: HOTLOOP_BACKEND={chosen} needs {needs.upper()} tensors, got {device}")
+    if chosen == "cpu":
+        _check_cpu_isa()
     if chosen == "triton" and device.type == "cpu" and not _interpreting():
         raise ValueError(f"hotloop.{op}: the triton backend runs on CPU tensors only with TRITON_INTERPRET=1")
     fn = _KERNELS[op][chosen]
@@ -90,6 +94,14 @@ def _check(op: str, chosen: str, device: torch.device) -> None:
         from hotloop._internal.extension import require_extension
 
         require_extension(chosen)
+
+
+def _check_cpu_isa() -> None:
+    """The C++ kernels read HOTLOOP_CPU_ISA on every call and never go above what the CPU has; an unknown name
+    would be ignored there, so it is refused here."""
+    isa = os.environ.get("HOTLOOP_CPU_ISA")
+    if isa is not None and isa not in CPU_ISAS:
+        raise ValueError(f"HOTLOOP_CPU_ISA={isa!r} is not one of {CPU_ISAS} (unset it for the best the CPU has)")
 
 
 def kernel(op: str, device: torch.device) -> Callable:
