@@ -8,7 +8,7 @@ from hotloop.reference.group_advantages import group_advantages_ref
 from hotloop.reference.policy_loss import nft_loss_ref, policy_loss_ref
 from hotloop.reference.preference_loss import preference_loss_ref
 from hotloop.reference.token_stats import token_stats_ref
-from train_models import materialised_logits, grads, rl_batch, tiny_gpt2, tiny_llama
+from train_models import SEQUENCE, grads, keep, materialised_logits, rl_batch, tiny_gpt2, tiny_llama
 
 from hotloop import train
 from hotloop.integrations.transformers import causal_lm_parts, completion_parts, lm_parts
@@ -98,7 +98,8 @@ def test_grpo_masks_truncated_and_ref_model():
 def test_nft_matches_unfused():
     model, batch, C = tiny_llama(), rl_batch(), 7
     correct = (batch["rewards"] > 1).float()
-    fused = train.NFT(num_generations=4, neg_weight=0.5).loss(model, {**batch, "correct": correct})
+    fused = train.NFT(num_generations=4, neg_weight=0.5).loss(
+        model, {**keep(batch, *SEQUENCE, "old_logps"), "correct": correct})
     lp, _, _ = _ref_logps(model, batch, C)
     ref, _ = nft_loss_ref(lp, batch["old_logps"], correct, batch["completion_mask"], 4, None, 1.0, 1, 0.5,
                           "token", "token-mean", None, None)
@@ -154,7 +155,7 @@ def test_dpo_trl_full_length_mask_and_ref_model():
 
 
 def test_self_certainty_scores_best_of_n_and_loss():
-    model, batch, C = tiny_llama(), rl_batch(), 7
+    model, batch, C = tiny_llama(), keep(rl_batch(), *SEQUENCE), 7
     sc = train.SelfCertainty(temperature=0.8)
     _, ent, ref_sc = _ref_logps(model, batch, C, 0.8)
     m = batch["completion_mask"].float()
@@ -184,6 +185,9 @@ def test_errors_name_the_argument():
     model, batch = tiny_llama(), rl_batch()
     with pytest.raises(ValueError, match="loss_type"):
         train.GRPO(loss_type="ppo")
+    for bad in ({"epsilon": 5.0}, {"epsilon_high": -0.1}, {"temperature": 0.0}, {"beta": float("nan")}):
+        with pytest.raises(ValueError, match=f"GRPO: `{next(iter(bad))}`"):  # at construction, in TRL's names
+            train.GRPO(**bad)
     with pytest.raises(KeyError, match="rewards"):
         train.GRPO(num_generations=4).loss(model, {k: v for k, v in batch.items() if k != "rewards"})
     with pytest.raises(ValueError, match="num_generations"):
@@ -198,6 +202,14 @@ def test_errors_name_the_argument():
         train.DPO().loss(model, {k: v for k, v in _dpo_batch().items() if not k.startswith("ref")})
     with pytest.raises(TypeError, match="output embedding"):
         causal_lm_parts(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="batch"):
+        train.GRPO(num_generations=4).loss(model, [1, 2])
+    for algo, extra in ((train.GRPO(num_generations=4), "old_logprobs"), (train.NFT(num_generations=4), "ref_logps"),
+                        (train.SelfCertainty(), "rewards")):  # a misspelt or unread key: never ignored
+        with pytest.raises(ValueError, match=f"unknown batch keys \\['{extra}'\\]"):
+            algo.loss(model, {**keep(batch, *SEQUENCE), extra: batch["old_logps"]})
+    with pytest.raises(ValueError, match="unknown batch keys"):
+        train.DPO().loss(model, {**_dpo_batch(), "ref_logps": batch["old_logps"]})
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         causal_lm_parts(model)

@@ -9,7 +9,7 @@ from torch import nn
 
 import hotloop
 from distributed import run_ranks
-from train_models import rl_batch, tiny_llama
+from train_models import SEQUENCE, keep, rl_batch, tiny_llama
 
 WORLD = 2
 TOL = 1e-6
@@ -31,10 +31,10 @@ def _algorithm(kind: str):
         return hotloop.train.GRPO(num_generations=2, loss_type="grpo"), rl_batch(B=8, seed=4)
     if kind == "nft":
         batch = rl_batch(B=8, seed=5)
-        batch["correct"] = batch.pop("rewards") > 0
+        batch = {**keep(batch, *SEQUENCE, "old_logps"), "correct": batch["rewards"] > 0}
         return hotloop.train.NFT(num_generations=2), batch
     if kind == "self_certainty":
-        return hotloop.train.SelfCertainty(), rl_batch(B=8, seed=8)
+        return hotloop.train.SelfCertainty(), keep(rl_batch(B=8, seed=8), *SEQUENCE)
     if kind == "dpo":
         batch = rl_batch(B=8, seed=6)
         P, g = 4, torch.Generator().manual_seed(7)  # the same on every rank

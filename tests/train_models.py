@@ -37,6 +37,14 @@ def rl_batch(B: int = 8, P: int = 5, C: int = 7, seed: int = 1, left_pad: bool =
             "ref_logps": -4.8 + 0.3 * torch.randn(B, C, generator=g)}
 
 
+def keep(batch: dict, *keys: str) -> dict:
+    """The batch with only `keys` (the training classes refuse keys they do not read)."""
+    return {k: batch[k] for k in keys}
+
+
+SEQUENCE = ("input_ids", "attention_mask", "completion_mask")
+
+
 def materialised_logits(model: torch.nn.Module, batch: dict, C: int, temperature: float = 1.0) -> torch.Tensor:
     """The unfused path: the full model's [B, C, V] logits at the positions predicting the last C tokens."""
     ids = batch["input_ids"]

@@ -43,6 +43,19 @@ class Completions:
             return in_head(self.head, loss, self.hidden)
 
 
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "completion_mask", "prompt_ids", "prompt_mask", "completion_ids")
+
+
+def check_batch(op: str, batch: object, keys: tuple[str, ...]) -> None:
+    """batch is a dict whose keys are all among `keys`: a misspelt or unsupported key would otherwise be
+    ignored and the loss silently be another one (e.g. "old_logprobs" for "old_logps": on-policy ratios)."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"hotloop.train.{op}: `batch` must be a dict of tensors, got {type(batch).__name__}")
+    unknown = sorted(str(k) for k in batch if k not in keys)
+    if unknown:
+        raise ValueError(f"hotloop.train.{op}: unknown batch keys {unknown}; accepted: {sorted(keys)}")
+
+
 def require(op: str, batch: dict, key: str) -> Tensor:
     """batch[key] as a tensor, or a KeyError naming the key and the class."""
     if not isinstance(batch, dict):

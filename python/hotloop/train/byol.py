@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hotloop.train._backbone import Output, require
+from hotloop.train._backbone import Output, check_batch, require
 
 
 class BYOL:
@@ -35,6 +35,7 @@ class BYOL:
     def loss(self, online: nn.Module, batch: dict) -> Output:
         from hotloop.ops.byol_loss import byol_loss
 
+        check_batch("BYOL", batch, ("view1", "view2"))
         x1, x2 = require("BYOL", batch, "view1"), require("BYOL", batch, "view2")
         both = torch.cat([x1, x2])  # one forward per network for the two views (a predictor that updates
         B = x1.shape[0]             # itself in forward, as DirectPredictor, must run once per backward)

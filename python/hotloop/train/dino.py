@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hotloop.train._backbone import Output, require
+from hotloop.train._backbone import Output, check_batch, require
 
 
 class DINO:
@@ -36,7 +36,8 @@ class DINO:
     def loss(self, student: nn.Module, batch: dict) -> Output:
         from hotloop.ops.dino_loss import dino_loss, update_center_
 
-        crops = batch.get("crops") if isinstance(batch, dict) else None
+        check_batch("DINO", batch, ("crops",))
+        crops = batch.get("crops")
         if not isinstance(crops, (list, tuple)) or len(crops) <= self.n_global:
             raise ValueError(f"hotloop.train.DINO: batch['crops'] must be a list of more than n_global = "
                              f"{self.n_global} crop tensors (global first), got {type(crops).__name__}")

@@ -9,8 +9,11 @@ from torch import Tensor
 from hotloop.ops.linear_preference_loss import linear_preference_loss
 from hotloop.contracts import PAIR_LAYOUTS, REFERENCE_FREE
 from hotloop.contracts import PREFERENCE_KINDS as KINDS
-from hotloop.train._backbone import Output, check_choice, completions, ref_logps, require
+from hotloop.train._backbone import (SEQUENCE_KEYS, Output, check_batch, check_choice, completions, ref_logps,
+                                     require)
 from hotloop.train._engine import in_forward
+
+BATCH_KEYS = SEQUENCE_KEYS + ("ref_chosen_logps", "ref_rejected_logps", "consistency")
 
 
 class DPO:
@@ -59,6 +62,7 @@ class DPO:
         """One preference loss over the pairs; loss.backward() reaches every parameter of `model`. A wrapped
         `model` (DDP, FSDP2, DeepSpeed) runs the loss as its forward; the mean over pairs is per rank, which the
         engine's gradient average makes the global mean when every rank holds as many pairs."""
+        check_batch("DPO", batch, BATCH_KEYS)
         ref_w, ref_l = self.reference(batch)
         return in_forward("DPO", model, lambda m: self._loss(m, batch, ref_w, ref_l))
 

@@ -15,12 +15,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from hotloop._internal.loss_checks import check_real
 from hotloop.contracts import IMPORTANCE
 from hotloop.ops.group_advantages import group_advantages
 from hotloop.ops.linear_losses import linear_policy_loss
 from hotloop.peer_names import ADVANTAGES, LOSS_TYPES, SCALE_REWARDS, policy_options
-from hotloop.train._backbone import Output, check_choice, completions, ref_logps, require
+from hotloop.train._backbone import (SEQUENCE_KEYS, Output, check_batch, check_choice, completions, ref_logps,
+                                     require)
 from hotloop.train._engine import data_parallel_groups, global_token_mean, in_forward
+
+BATCH_KEYS = SEQUENCE_KEYS + ("rewards", "advantages", "group_ids", "old_logps", "ref_logps", "truncated",
+                              "num_items_in_batch")
 
 
 class GRPO:
@@ -61,6 +66,14 @@ class GRPO:
         check_choice("GRPO", "scale_rewards", scale_rewards, tuple(SCALE_REWARDS))
         check_choice("GRPO", "advantage", advantage, ADVANTAGES)
         check_choice("GRPO", "importance_sampling_level", importance_sampling_level, IMPORTANCE)
+        # the numbers in the user's (TRL's) names, now rather than at the first loss in the op's names
+        beta = check_real("train.GRPO", "beta", beta)
+        epsilon = check_real("train.GRPO", "epsilon", epsilon, low=0.0, high=1.0)
+        if epsilon_high is not None:
+            epsilon_high = check_real("train.GRPO", "epsilon_high", epsilon_high, low=0.0)
+        temperature = check_real("train.GRPO", "temperature", temperature, low=0.0, low_open=True)
+        reward_eps = check_real("train.GRPO", "reward_eps", reward_eps, low=0.0)
+        entropy_coef = check_real("train.GRPO", "entropy_coef", entropy_coef)
         self.num_generations, self.beta, self.ref_model, self.loss_type = num_generations, beta, ref_model, loss_type
         self.advantage, self.scale, self.reward_eps = advantage, SCALE_REWARDS[scale_rewards], reward_eps
         self.mask_truncated, self.eos_token_id, self.temperature = mask_truncated_completions, eos_token_id, temperature
@@ -91,6 +104,7 @@ class GRPO:
         synchronises the gradients. Token means (loss_type dapo / bnpo) span every data-parallel rank, and with
         batch["num_items_in_batch"] (the step's scored tokens, all ranks and accumulation steps) every
         micro-batch of the step too; groups of num_generations stay within a rank."""
+        check_batch("GRPO", batch, BATCH_KEYS)
         adv = self.advantages(batch)  # the batch's errors before any forward
         if self.beta != 0.0 and batch.get("ref_logps") is None and self.ref_model is None:
             raise ValueError("hotloop.train.GRPO: beta != 0 needs batch['ref_logps'] or a `ref_model`")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from hotloop.ops.linear_losses import linear_nft_loss
-from hotloop.train._backbone import Output, completions, require
+from hotloop.train._backbone import SEQUENCE_KEYS, Output, check_batch, completions, require
 from hotloop.train._engine import data_parallel_groups, global_token_mean, in_forward
+
+BATCH_KEYS = SEQUENCE_KEYS + ("correct", "rewards", "group_ids", "old_logps", "num_items_in_batch")
 
 
 class NFT:
@@ -33,6 +35,7 @@ class NFT:
     def loss(self, model: torch.nn.Module, batch: dict) -> Output:
         """One NFT loss over the batch; loss.backward() reaches every parameter of `model` (wrapped or not, with
         token means over every data-parallel rank: see GRPO.loss)."""
+        check_batch("NFT", batch, BATCH_KEYS)
         if batch.get("correct") is not None:
             correct = require("NFT", batch, "correct").float()
         else:

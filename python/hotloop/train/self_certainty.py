@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from hotloop.ops.linear_token_stats import linear_token_stats
-from hotloop.train._backbone import Output, completions
+from hotloop.train._backbone import SEQUENCE_KEYS, Output, check_batch, completions
 from hotloop.train._engine import data_parallel_groups, global_token_mean, in_forward
 
 
@@ -22,6 +22,7 @@ class SelfCertainty:
         self.temperature = temperature
 
     def _token_stats(self, model: torch.nn.Module, batch: dict, trains: bool) -> tuple[Tensor, Tensor]:
+        check_batch("SelfCertainty", batch, SEQUENCE_KEYS + (("num_items_in_batch",) if trains else ()))
         def stats(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
             c = completions("SelfCertainty", model, batch)
             labels = torch.where(c.mask != 0, c.labels, -100)  # -100: not scored, no gradient
