@@ -107,3 +107,10 @@ def test_unsupported_options_raise():
         patch_grpo_trainer(grpo_trainer(top_entropy_quantile=0.2))
     with pytest.raises(NotImplementedError, match="loss_type"):
         patch_dpo_trainer(dpo_trainer(loss_type=["sigmoid", "sft"]))
+
+
+def test_not_a_trainer_is_a_type_error():
+    with pytest.raises(TypeError, match="trl.GRPOTrainer, got object"):
+        patch_grpo_trainer(object())
+    with pytest.raises(TypeError, match="trl.DPOTrainer, got GRPOTrainer"):
+        patch_dpo_trainer(grpo_trainer())

@@ -38,8 +38,17 @@ def _unsupported(trainer_name: str, what: str) -> NotImplementedError:
                                "loss; leave the trainer unpatched for it")
 
 
+def _check_trainer(trainer, name: str) -> None:
+    """trainer is a trl.<name> (a subclass too); anything else is a TypeError naming what was given."""
+    import trl
+
+    if not isinstance(trainer, getattr(trl, name)):
+        raise TypeError(f"hotloop.integrations.trl: expected a trl.{name}, got {type(trainer).__name__}")
+
+
 def grpo_from_trainer(trainer) -> GRPO:
     """hotloop.train.GRPO with a GRPOTrainer's loss options (raises NotImplementedError for unsupported ones)."""
+    _check_trainer(trainer, "GRPOTrainer")
     args = trainer.args
     checks = {
         f"loss_type={trainer.loss_type!r}": trainer.loss_type not in LOSS_TYPES,
@@ -107,6 +116,7 @@ def _grpo_loss(trainer, loss_fn: GRPO, model, inputs: dict) -> Tensor:
 
 def dpo_from_trainer(trainer) -> DPO:
     """hotloop.train.DPO with a DPOTrainer's loss options (raises NotImplementedError for unsupported ones)."""
+    _check_trainer(trainer, "DPOTrainer")
     types = list(trainer.loss_types)
     checks = {
         f"loss_type={types!r} (one of {TRL_DPO_LOSS_TYPES} is supported)":
